@@ -1,0 +1,77 @@
+"""The Python API: ``lmforge.load(name_or_path)`` and the object it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import Engine, SamplingParams, Sequence
+from .errors import LMForgeError
+from .formats import Checkpoint, load_checkpoint
+from .model import ModelConfig, Transformer
+from .tokenizer import Tokenizer
+
+Messages = list[dict[str, Any]]
+
+
+class LM:
+    """A loaded model with its tokenizer and a generation engine."""
+
+    def __init__(self, ck: Checkpoint, max_batch: int = 8) -> None:
+        self.checkpoint = ck
+        self.model: Transformer = ck.model
+        self.config: ModelConfig = ck.config
+        self.path: Path = ck.path
+        self.engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.checkpoint.tokenizer is None:
+            raise LMForgeError(f"{self.path}: the model has no tokenizer (tokenizer.json)")
+        return self.checkpoint.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+
+    def generate(self, prompt: str | list[str], **params: Any) -> str | list[str]:
+        """Complete one prompt (returns a str) or several, batched (returns a list)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        seqs = self.generate_sequences([self._prompt_ids(p) for p in prompts], SamplingParams(**params))
+        texts = [s.text for s in seqs]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def generate_sequences(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Token-level generation: finished sequences with ids, text, finish reason and logprobs."""
+        return self.engine.generate(prompts, params)
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[str]:
+        """Yield text deltas as they are generated."""
+        return self.engine.stream(self._prompt_ids(prompt), SamplingParams(**params))
+
+    def chat_prompt(self, messages: str | Messages, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.tokenizer.encode_chat(messages, tools=tools)
+
+    def chat(self, messages: str | Messages, stream: bool = False, tools: list[dict[str, Any]] | None = None,
+             **params: Any) -> str | Iterator[str]:
+        """Answer a conversation (or a single user message) using the model's chat template."""
+        ids = self.chat_prompt(messages, tools)
+        if stream:
+            return self.engine.stream(ids, SamplingParams(**params))
+        return self.engine.generate([ids], SamplingParams(**params))[0].text
+
+
+def load(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         max_batch: int = 8) -> LM:
+    """Load a registry name (pulled on first use), a `.gguf` file or an HF-style directory."""
+    from .registry import resolve
+
+    return LM(load_checkpoint(resolve(str(name_or_path)), device=device, dtype=dtype), max_batch=max_batch)

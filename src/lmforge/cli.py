@@ -1,0 +1,198 @@
+"""The `lmforge` command line. Sampling flags mirror the OpenAI API's parameter names in kebab-case."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .errors import LMForgeError
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (OpenAI parameter names)")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="multiplicative penalty (1.0 = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="additive penalty on used tokens")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="additive penalty per use")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="add BIAS to a token's logit (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string, not emitted (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-turn tokens")
+
+
+def _add_model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    from .registry import DEFAULT_MODEL
+
+    if optional:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                       help=f"registry name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    else:
+        p.add_argument("model", help="registry name, .gguf file or HF directory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from .engine import SamplingParams
+
+    bias = {}
+    for item in args.logit_bias:
+        tok, sep, val = item.partition("=")
+        try:
+            bias[int(tok)] = float(val)
+        except ValueError:
+            raise LMForgeError(f"--logit-bias expects TOKEN_ID=BIAS, got {item!r}") from None
+        if not sep:
+            raise LMForgeError(f"--logit-bias expects TOKEN_ID=BIAS, got {item!r}")
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logit_bias=bias or None, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False),
+        top_logprobs=getattr(args, "top_logprobs", 0),
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .api import load
+
+    return load(args.model, device=args.device)
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .registry import pull
+
+    for name in args.models:
+        path = pull(name, force=args.force)
+        print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import MODELS, list_local
+
+    local = {name: (path, size) for name, path, size in list_local()}
+    print(f"{'NAME':<24} {'SIZE':>9}  {'STATUS':<10} DESCRIPTION")
+    for name, spec in MODELS.items():
+        if name in local:
+            size, status = f"{local[name][1] / 2**20:.0f} MB", "pulled"
+        else:
+            size, status = "-", "available"
+        if args.all or name in local:
+            print(f"{name:<24} {size:>9}  {status:<10} {spec.description}")
+    if not local and not args.all:
+        print("(no models pulled yet: `lmforge pull NAME`, or `lmforge list --all` to see what is available)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .formats.inspect import describe
+    from .registry import resolve
+
+    for key, value in describe(resolve(args.model)).items():
+        if key == "chat template" and value and not args.template:
+            value = f"{len(value)} chars (show it with --template)"
+        if isinstance(value, str) and "\n" in value:
+            print(f"{key}:\n{value}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    lm = _load(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = lm.tokenizer.encode(prompt)
+    if args.stream:
+        for delta in lm.engine.stream(ids, params):
+            print(delta, end="", flush=True)
+        print()
+        return 0
+    seq = lm.engine.generate([ids], params)[0]
+    print(seq.text)
+    if args.logprobs:
+        tok = lm.tokenizer
+        for lp in seq.logprobs:
+            alts = ", ".join(f"{tok.decode([i], skip_special_tokens=False)!r}:{v:.3f}" for i, v in lp.top)
+            print(f"{tok.decode([lp.token_id], skip_special_tokens=False)!r}\t{lp.logprob:.4f}\t{alts}",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    params = _sampling(args)
+    return run_chat(_load(args), params, system=args.system, interactive=sys.stdin.isatty())
+
+
+# -- entry point -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="lmforge", description="Run, chat with and inspect language models.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="download registry models into the local cache")
+    p.add_argument("models", nargs="+", metavar="NAME")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="show local models")
+    p.add_argument("--all", action="store_true", help="also show registry models not pulled yet")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="architecture, size, tensor types, context length and template")
+    p.add_argument("model", help="registry name, .gguf file or HF directory")
+    p.add_argument("--template", action="store_true", help="print the full chat template")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="complete a prompt")
+    _add_model_opts(p)
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--logprobs", action="store_true", help="print per-token logprobs to stderr")
+    p.add_argument("--top-logprobs", type=int, default=0, help="alternatives per token with --logprobs")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model (interactive, or answers piped stdin)")
+    _add_model_opts(p, optional=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except LMForgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""A preallocated KV cache with one slot per sequence.
+
+Each sequence owns a slot (a row) and its own length, so sequences of different lengths decode in
+one batched step and can join or leave between steps (continuous batching).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LMForgeError
+from ..model.config import ModelConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_batch: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_batch, self.max_len = max_batch, max_len
+        self._rows: slice | torch.Tensor = slice(0, 0)
+        self._cols: slice | torch.Tensor = slice(0, 0)
+        self._kv_len = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def bind(self, slots: list[int] | None, start: list[int], t: int) -> int:
+        """Say where the next forward's ``t`` tokens of each row go; returns the key length to attend."""
+        b = len(start)
+        rows = list(range(b)) if slots is None else list(slots)
+        kv_len = max(start) + t
+        if kv_len > self.max_len:
+            raise LMForgeError(f"sequence of {kv_len} tokens does not fit the KV cache of {self.max_len}")
+        dev = self.k.device
+        contiguous = rows == list(range(rows[0], rows[0] + b))
+        self._gather = not contiguous
+        self._rows = slice(rows[0], rows[0] + b) if contiguous else torch.tensor(rows, device=dev)
+        if contiguous and len(set(start)) == 1:
+            self._cols = slice(start[0], start[0] + t)
+            self._scatter = False
+        else:
+            self._cols = torch.tensor(start, device=dev)[:, None] + torch.arange(t, device=dev)[None, :]
+            self._row_idx = torch.tensor(rows, device=dev)[:, None]
+            self._scatter = True
+        self._kv_len = kv_len
+        return kv_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.k[layer], self.v[layer]
+        if self._scatter:
+            # Advanced indices around a slice put the [b, t] index dims first.
+            ck[self._row_idx, :, self._cols] = k.transpose(1, 2)
+            cv[self._row_idx, :, self._cols] = v.transpose(1, 2)
+        else:
+            ck[self._rows, :, self._cols] = k
+            cv[self._rows, :, self._cols] = v
+        n = self._kv_len
+        return ck[self._rows, :, :n], cv[self._rows, :, :n]

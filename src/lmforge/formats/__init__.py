@@ -1,0 +1,109 @@
+"""Reading models from disk: HF directories and GGUF files, into the one model core."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import LMForgeError
+from ..model import ModelConfig, Transformer
+from ..model.quant import Int4Linear, QuantWeight
+from ..tokenizer import Tokenizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are far slower.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    path: Path
+    format: str  # "gguf" | "hf"
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | QuantWeight]], device: torch.device,
+                dtype: torch.dtype, progress: bool = False, total: int | None = None) -> Transformer:
+    """Build on the meta device and assign weights as they stream in: at most one model's worth of memory.
+
+    A `QuantWeight` replaces its nn.Linear with a packed Int4Linear (CPU inference only).
+    """
+    from tqdm import tqdm
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    packed: dict[str, QuantWeight] = {}
+    bar = tqdm(weights, total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
+    for name, t in bar:
+        if name not in expected and name != "lm_head.weight":
+            raise LMForgeError(f"unexpected tensor {name!r} for a {cfg.family} model")
+        shape = tuple(t.shape)
+        if name in expected and shape != tuple(expected[name].shape):
+            raise LMForgeError(f"tensor {name!r} has shape {shape}, config expects {tuple(expected[name].shape)}")
+        if isinstance(t, QuantWeight):
+            packed[name.removesuffix(".weight")] = t
+        else:
+            state[name] = t.to(device=device, dtype=dtype)
+    for mod, qw in packed.items():
+        parent, _, attr = mod.rpartition(".")
+        setattr(model.get_submodule(parent), attr, Int4Linear(qw, state.pop(mod + ".bias", None)))
+    covered = set(state) | {f"{m}.{p}" for m in packed for p in ("weight", "bias")}
+    missing = sorted(set(expected) - covered)
+    if missing:
+        raise LMForgeError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    model.load_state_dict(state, assign=True, strict=False)
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None, packed: bool | None = None,
+                    progress: bool = False) -> Checkpoint:
+    """Load a `.gguf` file or an HF-style directory (config.json + safetensors [+ tokenizer.json]).
+
+    ``packed`` keeps GGUF 4/8-bit matrices packed and runs them with the int4 kernel (default: on
+    where supported, i.e. CPU with fp32 activations); the results equal the dequantized weights'.
+    """
+    path = Path(path)
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype or default_dtype(dev)
+    if not path.exists():
+        raise LMForgeError(f"no such file or directory: {path}")
+    if path.is_dir():
+        from .hf import config_from_hf, load_hf_weights, read_json
+
+        if not (path / "config.json").exists():
+            raise LMForgeError(f"{path}: not a model directory (no config.json)")
+        cfg = config_from_hf(read_json(path / "config.json"))
+        model = build_model(cfg, load_hf_weights(path, cfg), dev, dt, progress)
+        tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        types = Counter(str(p.dtype).replace("torch.", "") for p in model.parameters())
+        return Checkpoint(model, tok, cfg, path, "hf", dict(types))
+    if path.suffix.lower() != ".gguf":
+        raise LMForgeError(f"{path}: not a .gguf file or a model directory")
+    from .gguf import GGUFFile
+
+    g = GGUFFile(path)
+    cfg = g.config()
+    tok = Tokenizer.from_gguf_metadata(g.meta)
+    use_packed = bool(packed)
+    model = build_model(cfg, g.state_dict(cfg, packed=use_packed), dev, dt, progress)
+    types = Counter(t.tensor_type.name for t in g.reader.tensors)
+    meta = {k: v for k, v in g.meta.items() if not k.startswith("tokenizer.ggml.")}
+    return Checkpoint(model, tok, cfg, path, "gguf", dict(types), meta)

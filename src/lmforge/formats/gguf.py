@@ -1,0 +1,167 @@
+"""GGUF files: metadata -> ModelConfig and Tokenizer, tensors -> our weights (dequantized one at a time)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LMForgeError
+from ..model.config import ModelConfig
+from ..model.quant import QuantWeight, from_gguf_blocks
+
+Weight = torch.Tensor | QuantWeight
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file with its metadata decoded."""
+
+    def __init__(self, path: str | Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except Exception as e:  # the reader raises ValueError/IndexError/... on damaged files
+            raise LMForgeError(f"{self.path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+        self.meta: dict[str, Any] = {}
+        for k, f in self.reader.fields.items():
+            if not k.startswith("GGUF."):
+                try:
+                    self.meta[k] = f.contents()
+                except Exception as e:
+                    raise LMForgeError(f"{self.path}: corrupt metadata field {k!r} ({e})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = self.meta.get("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise LMForgeError(f"{self.path}: unsupported GGUF architecture {self.arch!r} "
+                               f"(supported: {', '.join(ARCHITECTURES)})")
+        for t in self.reader.tensors:
+            if t.tensor_type.name not in TENSOR_TYPES:
+                raise LMForgeError(f"{self.path}: unsupported GGUF tensor type {t.tensor_type.name} in {t.name} "
+                                   f"(supported: {', '.join(TENSOR_TYPES)})")
+
+    def arch_key(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def config(self) -> ModelConfig:
+        a = self.arch_key
+        n_heads = int(a("attention.head_count"))
+        dim = int(a("embedding_length"))
+        vocab = a("vocab_size") or len(self.meta.get("tokenizer.ggml.tokens", [])) or None
+        if vocab is None:
+            vocab = self.tensors["token_embd.weight"].shape[1]
+        common = dict(
+            vocab_size=int(vocab), dim=dim, n_layers=int(a("block_count")), n_heads=n_heads,
+            ffn_dim=int(a("feed_forward_length")), context_length=int(a("context_length", 2048)),
+        )
+        if self.arch == "gpt2":
+            return ModelConfig(family="gpt2", norm="layernorm", norm_eps=float(a("attention.layer_norm_epsilon", 1e-5)),
+                               mlp="gelu", activation="gelu_tanh", position="learned", qkv_bias=True, out_bias=True,
+                               mlp_bias=True, tie_embeddings="output.weight" not in self.tensors, **common)
+        scaling = None
+        kind = a("rope.scaling.type")
+        if kind and kind != "none":
+            scaling = {"type": kind, "factor": float(a("rope.scaling.factor", 1.0))}
+            if a("rope.scaling.original_context_length"):
+                scaling["original_max_position_embeddings"] = int(a("rope.scaling.original_context_length"))
+        return ModelConfig(
+            family="qwen2" if self.arch == "qwen2" else "llama",
+            n_kv_heads=int(a("attention.head_count_kv", n_heads)),
+            head_dim=int(a("attention.key_length") or a("rope.dimension_count") or dim // n_heads),
+            norm="rmsnorm", norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+            mlp="swiglu", activation="silu", position="rope", rope_theta=float(a("rope.freq_base", 10000.0)),
+            rope_scaling=scaling, qkv_bias="blk.0.attn_q.bias" in self.tensors,
+            tie_embeddings="output.weight" not in self.tensors, **common,
+        )
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Dequantize one tensor to fp32, in PyTorch's [out, in] layout."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        if name not in self.tensors:
+            raise LMForgeError(f"{self.path}: tensor {name!r} missing")
+        t = self.tensors[name]
+        shape = tuple(int(x) for x in reversed(t.shape))
+        try:
+            if t.tensor_type == GGMLQuantizationType.F32:
+                arr = np.asarray(t.data, dtype=np.float32)
+            else:
+                arr = dequantize(t.data, t.tensor_type)
+            return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # copy: the mmap is read-only
+        except (ValueError, IndexError, OSError) as e:
+            raise LMForgeError(f"{self.path}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+
+    def weight(self, name: str, packed: bool) -> Weight:
+        """A linear weight: kept 4-bit packed when asked and the block type allows, else dense fp32."""
+        t = self.tensors.get(name)
+        if packed and t is not None and len(t.shape) == 2:
+            qw = from_gguf_blocks(np.asarray(t.data), t.tensor_type.name, int(t.shape[1]), int(t.shape[0]))
+            if qw is not None:
+                return qw
+        return self.tensor(name)
+
+    def state_dict(self, cfg: ModelConfig, packed: bool = False) -> Iterator[tuple[str, Weight]]:
+        """Yield our (name, weight) pairs one at a time; with ``packed``, matrices may stay 4-bit."""
+        get = self.tensor
+        w = lambda name: self.weight(name, packed)  # noqa: E731
+        yield "tok_emb.weight", get("token_embd.weight")
+        if cfg.family == "gpt2":
+            yield "pos_emb.weight", get("position_embd.weight")
+        for i in range(cfg.n_layers):
+            b, o = f"blk.{i}.", f"layers.{i}."
+            yield o + "attn_norm.weight", get(b + "attn_norm.weight")
+            yield o + "mlp_norm.weight", get(b + "ffn_norm.weight")
+            yield o + "attn.o.weight", w(b + "attn_output.weight")
+            yield o + "mlp.down.weight", w(b + "ffn_down.weight")
+            if cfg.family == "gpt2":
+                for ours, theirs in (("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm"), ("attn.o", "attn_output"),
+                                     ("mlp.down", "ffn_down"), ("attn.qkv", "attn_qkv"), ("mlp.fc", "ffn_up")):
+                    yield o + f"{ours}.bias", get(b + f"{theirs}.bias")
+                yield o + "attn.qkv.weight", w(b + "attn_qkv.weight")
+                yield o + "mlp.fc.weight", w(b + "ffn_up.weight")
+                continue
+            q, k, v = w(b + "attn_q.weight"), w(b + "attn_k.weight"), w(b + "attn_v.weight")
+            if self.arch == "llama":  # llama.cpp permutes q/k rows for its interleaved rope; undo it
+                q = _rows(q, lambda x: _unpermute(x, cfg.n_heads))
+                k = _rows(k, lambda x: _unpermute(x, cfg.n_kv_heads))
+            yield o + "attn.qkv.weight", _cat([q, k, v])
+            if cfg.qkv_bias:
+                qb, kb, vb = get(b + "attn_q.bias"), get(b + "attn_k.bias"), get(b + "attn_v.bias")
+                if self.arch == "llama":
+                    qb, kb = _unpermute(qb, cfg.n_heads), _unpermute(kb, cfg.n_kv_heads)
+                yield o + "attn.qkv.bias", torch.cat([qb, kb, vb])
+            yield o + "mlp.gate_up.weight", _cat([w(b + "ffn_gate.weight"), w(b + "ffn_up.weight")])
+        yield "norm.weight", get("output_norm.weight")
+        if cfg.family == "gpt2":
+            yield "norm.bias", get("output_norm.bias")
+        if not cfg.tie_embeddings:
+            yield "lm_head.weight", w("output.weight")
+        elif packed:
+            head = w("token_embd.weight")
+            if isinstance(head, QuantWeight):  # a packed copy of the tied matrix for the output layer
+                yield "lm_head.weight", head
+
+
+def _rows(x: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight:
+    return x.map_rows(fn) if isinstance(x, QuantWeight) else fn(x)
+
+
+def _cat(parts: list[Weight]) -> Weight:
+    if all(isinstance(p, QuantWeight) for p in parts):
+        fused = QuantWeight.cat(parts)  # type: ignore[arg-type]
+        if fused is not None:
+            return fused
+    return torch.cat([p.dequantize() if isinstance(p, QuantWeight) else p for p in parts])
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's q/k permutation: interleaved rope pairs back to the half-split layout."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

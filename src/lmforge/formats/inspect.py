@@ -1,0 +1,85 @@
+"""`lmforge info`: describe a model from its headers, without loading the weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..errors import LMForgeError
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def describe(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        return _describe_hf(path)
+    from .gguf import GGUFFile
+
+    g = GGUFFile(path)
+    cfg = g.config()
+    n = sum(int(t.n_elements) for t in g.reader.tensors)
+    types = Counter(t.tensor_type.name for t in g.reader.tensors)
+    tokens = g.meta.get("tokenizer.ggml.tokens", [])
+
+    def tok(key: str) -> str | None:
+        i = g.meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and i < len(tokens) else None
+
+    return _common(path, "gguf", cfg, n, types) | {
+        "name": g.meta.get("general.name", path.stem),
+        "tokenizer": f"{g.meta.get('tokenizer.ggml.model')} (pre: {g.meta.get('tokenizer.ggml.pre', 'default')}), "
+                     f"{len(tokens)} tokens, bos {tok('bos_token_id')}, eos {tok('eos_token_id')}",
+        "chat template": g.meta.get("tokenizer.chat_template"),
+    }
+
+
+def _describe_hf(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    from .hf import _safetensors_files, config_from_hf, read_json
+
+    if not (path / "config.json").exists():
+        raise LMForgeError(f"{path}: not a model directory (no config.json)")
+    cfg = config_from_hf(read_json(path / "config.json"))
+    n, types = 0, Counter()
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                shape = sl.get_shape()
+                count = 1
+                for d in shape:
+                    count *= d
+                n += count
+                types[sl.get_dtype()] += 1
+    template = None
+    tc = path / "tokenizer_config.json"
+    if (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    elif tc.exists():
+        template = read_json(tc).get("chat_template")
+    return _common(path, "hf", cfg, n, types) | {"name": path.name, "chat template": template}
+
+
+def _common(path: Path, fmt: str, cfg: Any, n: int, types: Counter) -> dict[str, Any]:
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return {
+        "path": str(path),
+        "format": fmt,
+        "architecture": cfg.family,
+        "parameters": f"{_fmt_params(n)} ({n:,})",
+        "layers": cfg.n_layers,
+        "hidden size": cfg.dim,
+        "heads": f"{cfg.n_heads} (kv {cfg.n_kv_heads}, head dim {cfg.head_dim})",
+        "ffn": f"{cfg.ffn_dim} ({cfg.mlp}, {cfg.activation})",
+        "norm": f"{cfg.norm} (eps {cfg.norm_eps:g})",
+        "positions": f"{cfg.position}" + (f" (theta {cfg.rope_theta:g})" if cfg.position == "rope" else ""),
+        "context length": cfg.context_length,
+        "vocab size": cfg.vocab_size,
+        "tied embeddings": cfg.tie_embeddings,
+        "tensor types": ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
+        "file size": f"{size / 2**20:.1f} MB",
+    }

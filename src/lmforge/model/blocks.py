@@ -1,0 +1,178 @@
+"""Blocks shared by every family: norms, rotary positions, attention, MLP, the residual block.
+
+Weights are fused where the math allows (q/k/v in one matrix, gate/up in one matrix) so a decode
+step runs fewer, larger matmuls; the loaders fuse at load time and exporters split again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the reference implementations do.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.dim, cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings, with optional linear or Llama-3 scaling."""
+    hd = cfg.head_dim
+    # Explicit CPU device: models are built under a meta-device context.
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(sc["factor"])
+    if kind == "llama3":
+        factor = float(sc["factor"])
+        low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old_ctx = float(sc["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    from ..errors import LMForgeError
+
+    raise LMForgeError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+class Rotary:
+    """cos/sin tables for rotary embeddings (half-split layout), grown on demand, looked up by position."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.inv_freq = rope_inv_freq(cfg)
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def _build(self, n: int, device: torch.device) -> None:
+        pos = torch.arange(n, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [b, T] -> cos, sin of shape [b, 1, T, head_dim]."""
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        if self.cos is None or self.cos.shape[0] < need or self.cos.device != positions.device:
+            self._build(max(need, 1024 if self.cos is None else 2 * self.cos.shape[0]), positions.device)
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVStore(Protocol):
+    """What attention needs from a KV cache: store this step's keys/values, return all to attend to."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_dim, self.kv_dim = cfg.q_dim, cfg.kv_dim
+        self.qkv = nn.Linear(cfg.dim, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVStore | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o(y.transpose(1, 2).reshape(b, t, self.q_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.ffn_dim = cfg.ffn_dim
+        if cfg.mlp == "swiglu":
+            self.gate_up = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=cfg.mlp_bias)
+        else:
+            self.fc = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            gate, up = self.gate_up(x).split(self.ffn_dim, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    """One residual block. Pre-norm (GPT, Llama) or post-norm (BERT) by config switch.
+
+    An encoder-decoder decoder block adds cross-attention between the two sublayers; that is a
+    second Attention fed with the encoder's keys/values, so it slots in here without a rewrite.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), **attn_kwargs)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, **attn_kwargs))
+        return self.mlp_norm(x + self.mlp(x))

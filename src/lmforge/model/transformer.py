@@ -1,0 +1,111 @@
+"""The transformer: embeddings, a stack of shared blocks, a final norm and an output head."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Block, Rotary, make_norm
+from .config import ModelConfig
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM today (Llama, Qwen2, GPT-2); encoders flip ``causal`` and ``norm_position``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.dim) if cfg.position == "learned" else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size else None
+        # Post-norm models (BERT) normalise the embeddings instead of the final hidden state.
+        self.emb_norm = make_norm(cfg) if cfg.norm_position == "post" else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg) if cfg.position == "rope" else None
+
+    # -- weights -----------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2 style init; residual output projections are scaled down by depth."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name.endswith(("attn.o.weight", "mlp.down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        cache: Any = None,
+        start_pos: list[int] | None = None,
+        slots: list[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+        last_index: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run the stack.
+
+        tokens [b, T]. Without a cache, every row starts at position 0; ``attn_mask`` [b, T] marks real
+        tokens of right-padded rows. With a cache, row r continues slot ``slots[r]`` (default r) at
+        position ``start_pos[r]``; keys beyond a query's own position are masked, so right padding is
+        harmless. ``last_index`` [b] selects one position per row before the head (generation).
+        Returns logits [b, T, V] (or [b, V] with ``last_index``), or hidden states if ``return_hidden``.
+        """
+        b, t = tokens.shape
+        dev = tokens.device
+        steps = torch.arange(t, device=dev)
+        mask, is_causal = None, False
+        if cache is not None:
+            start = list(start_pos) if start_pos is not None else [0] * b
+            kv_len = cache.bind(slots, start, t)
+            positions = torch.tensor(start, device=dev)[:, None] + steps[None, :]
+            if b == 1 and start[0] == 0 and t == kv_len:
+                is_causal = self.cfg.causal
+            elif not (t == 1 and all(s + 1 == kv_len for s in start)):
+                keys = torch.arange(kv_len, device=dev)
+                mask = keys[None, None, None, :] <= positions[:, None, :, None]
+        else:
+            positions = steps[None, :].expand(b, t)
+            if attn_mask is not None:
+                mask = attn_mask.bool()[:, None, None, :]
+                if self.cfg.causal:
+                    mask = mask & torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None]
+            else:
+                is_causal = self.cfg.causal
+
+        x = self.tok_emb(tokens)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        if self.type_emb is not None:
+            x = x + self.type_emb(token_types if token_types is not None else torch.zeros_like(tokens))
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        for layer in self.layers:
+            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
+        if self.norm is not None:
+            x = self.norm(x)
+        if last_index is not None:
+            x = x[torch.arange(b, device=dev), last_index]
+        if return_hidden:
+            return x
+        # lm_head may be set even with tied embeddings: a packed copy of the tied matrix for inference.
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)

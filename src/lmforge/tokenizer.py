@@ -1,0 +1,269 @@
+"""Tokenizers (HF `tokenizers` objects), chat templates (sandboxed jinja2) and streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import LMForgeError
+
+# Turn-ending tokens across common chat formats; generation stops on any that the vocab has.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Pre-tokenizer split patterns, keyed by GGUF `tokenizer.ggml.pre`.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+GGUF_PRE_TOKENIZERS = ("gpt-2", "default", "smollm", *_SPLITS)
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    if pre in ("gpt-2", "default"):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        # SmolLM splits every digit on its own before the GPT-2 split (as its tokenizer.json does).
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    raise LMForgeError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+
+
+def _compile_template(template: str) -> Any:
+    """Compile a chat template the way transformers does: sandboxed, with its helpers."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise LMForgeError(f"invalid chat template: {e.message} (line {e.lineno})") from None
+
+
+class Tokenizer:
+    """An HF `tokenizers` object plus the special tokens and chat template a model ships with."""
+
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | None = None,
+        extra_stop_ids: Sequence[int] = (),
+    ) -> None:
+        self.hf = hf
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.chat_template = chat_template
+        self._template: Any = None
+        stops = {self.token_to_id(t) for t in (eos_token, *END_OF_TURN_TOKENS) if t}
+        stops.update(extra_stop_ids)
+        stops.discard(None)
+        self.stop_token_ids: list[int] = sorted(stops)  # type: ignore[arg-type]
+        self.special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """An HF directory: tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json."""
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.exists():
+            raise LMForgeError(f"{path}: no tokenizer.json")
+        try:
+            hf = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise LMForgeError(f"{tj}: cannot parse tokenizer ({str(e).splitlines()[0]})") from None
+        cfg: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").exists():
+            cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        template = cfg.get("chat_template")
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if isinstance(template, list):  # named templates: take the default
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        extra: list[int] = []
+        if (path / "generation_config.json").exists():
+            eos = json.loads((path / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+            extra = [eos] if isinstance(eos, int) else list(eos or [])
+
+        def tok(name: str) -> str | None:
+            v = cfg.get(name)
+            return v.get("content") if isinstance(v, dict) else v
+
+        return cls(hf, bos_token=tok("bos_token"), eos_token=tok("eos_token"), pad_token=tok("pad_token"),
+                   unk_token=tok("unk_token"), chat_template=template, extra_stop_ids=extra)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+        """Rebuild the tokenizer from `tokenizer.ggml.*` metadata (tokens, merges, types, pre-tokenizer)."""
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise LMForgeError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2 byte-level BPE)")
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        alphabet = _byte_alphabet()
+        spelled = set(alphabet.values())
+
+        def spell(t: str) -> str:  # tokens outside the byte alphabet are stored as raw text
+            return t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))
+
+        vocab = {spell(t): i for i, t in enumerate(tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        hf.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+        hf.decoder = decoders.ByteLevel()
+        # Control tokens (type 3) are special; user-defined ones (type 4) must still match whole.
+        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+                   if ty == 3 and set(t) <= spelled]
+        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+        hf.add_special_tokens(special)
+        if user:
+            hf.add_tokens(user)
+
+        def tok(key: str) -> str | None:
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        bos = tok("bos_token_id")
+        if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[spell(bos)])]
+            )
+        else:
+            hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        extra = [meta["tokenizer.ggml.eot_token_id"]] if "tokenizer.ggml.eot_token_id" in meta else []
+        return cls(hf, bos_token=bos, eos_token=tok("eos_token_id"), pad_token=tok("padding_token_id"),
+                   unk_token=tok("unknown_token_id"), chat_template=meta.get("tokenizer.chat_template"),
+                   extra_stop_ids=extra)
+
+    # -- encode / decode ---------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(i)
+
+    # -- chat ----------------------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render a conversation exactly as transformers' ``apply_chat_template(tokenize=False)`` does."""
+        import jinja2
+
+        if self._template is None:
+            self._template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+        try:
+            return self._template.render(
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                unk_token=self.unk_token or "", pad_token=self.pad_token or "", **kwargs,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise LMForgeError(f"chat template error: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        # The template writes any BOS itself, so no special tokens are added on top.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+    def decoder(self, prompt_ids: Sequence[int] = ()) -> IncrementalDecoder:
+        return IncrementalDecoder(self, prompt_ids)
+
+
+class IncrementalDecoder:
+    """Turns a growing token list into text deltas without ever emitting half a UTF-8 character.
+
+    It re-decodes a short window of recent tokens and only releases text once it no longer ends in
+    U+FFFD (an incomplete byte sequence); a few prompt tokens seed the window so that tokenizers which
+    strip a leading space at the start of a decode still produce the right spacing.
+    """
+
+    def __init__(self, tok: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        self.tok = tok
+        self.ids: list[int] = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character decodes as U+FFFD)."""
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]

@@ -1,0 +1,23 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Captured at import, before any test patches LMFORGE_HOME, so the real model is cached in a
+# persistent place and reused across test sessions.
+_PERSISTENT_HOME = os.environ.get("LMFORGE_HOME") or str(Path("~/.cache/lmforge").expanduser())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """Path to the real SmolLM2-135M-Instruct GGUF, pulled once into the persistent cache."""
+    from lmforge import registry
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMFORGE_HOME", _PERSISTENT_HOME)
+        path = registry.resolve(registry.DEFAULT_MODEL, quiet=True)
+    return path.resolve()
