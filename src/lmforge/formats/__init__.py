@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LMForgeError
 from ..model import ModelConfig, Transformer
-from ..model.quant import Int4Linear, QuantWeight
+from ..model.quant import PackedLinear, PackedWeight, kernel
 from ..tokenizer import Tokenizer
 
 
@@ -37,11 +37,11 @@ class Checkpoint:
     metadata: dict[str, object] = field(default_factory=dict)
 
 
-def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | QuantWeight]], device: torch.device,
-                dtype: torch.dtype, progress: bool = False, total: int | None = None) -> Transformer:
+def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]], device: torch.device,
+                dtype: torch.dtype, progress: bool = False) -> Transformer:
     """Build on the meta device and assign weights as they stream in: at most one model's worth of memory.
 
-    A `QuantWeight` replaces its nn.Linear with a packed Int4Linear (CPU inference only).
+    A `PackedWeight` gives its layer a `PackedLinear`, which keeps the codes for fast CPU decoding.
     """
     from tqdm import tqdm
 
@@ -49,26 +49,29 @@ def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | Qu
         model = Transformer(cfg)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
-    packed: dict[str, QuantWeight] = {}
-    bar = tqdm(weights, total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
-    for name, t in bar:
-        if name not in expected and name != "lm_head.weight":
-            raise LMForgeError(f"unexpected tensor {name!r} for a {cfg.family} model")
-        shape = tuple(t.shape)
-        if name in expected and shape != tuple(expected[name].shape):
-            raise LMForgeError(f"tensor {name!r} has shape {shape}, config expects {tuple(expected[name].shape)}")
-        if isinstance(t, QuantWeight):
+    packed: dict[str, PackedWeight] = {}
+    for name, t in tqdm(weights, desc="loading", unit=" tensors", disable=not progress, leave=False):
+        if isinstance(t, PackedWeight):
             packed[name.removesuffix(".weight")] = t
-        else:
-            state[name] = t.to(device=device, dtype=dtype)
-    for mod, qw in packed.items():
-        parent, _, attr = mod.rpartition(".")
-        setattr(model.get_submodule(parent), attr, Int4Linear(qw, state.pop(mod + ".bias", None)))
-    covered = set(state) | {f"{m}.{p}" for m in packed for p in ("weight", "bias")}
-    missing = sorted(set(expected) - covered)
+            if name not in expected:  # codes of a tied output matrix: no dense copy of its own
+                continue
+            t = t.dequantize()
+        if name not in expected:
+            raise LMForgeError(f"unexpected tensor {name!r} for a {cfg.family} model")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise LMForgeError(f"tensor {name!r} has shape {tuple(t.shape)}, config expects {tuple(expected[name].shape)}")
+        state[name] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
     if missing:
         raise LMForgeError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
-    model.load_state_dict(state, assign=True, strict=False)
+    model.load_state_dict(state, assign=True, strict=True)
+    for mod, pw in packed.items():
+        if mod == "lm_head" and model.lm_head is None:
+            model.set_head_packed(pw)
+            continue
+        parent, _, attr = mod.rpartition(".")
+        old = model.get_submodule(mod)
+        setattr(model.get_submodule(parent), attr, PackedLinear(old.weight, old.bias, pw))
     return model.eval()
 
 
@@ -77,8 +80,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
                     progress: bool = False) -> Checkpoint:
     """Load a `.gguf` file or an HF-style directory (config.json + safetensors [+ tokenizer.json]).
 
-    ``packed`` keeps GGUF 4/8-bit matrices packed and runs them with the int4 kernel (default: on
-    where supported, i.e. CPU with fp32 activations); the results equal the dequantized weights'.
+    ``packed`` keeps the codes of GGUF Q4_0/Q4_1/Q8_0 matrices for the CPU decode kernel (default: on
+    where it runs, i.e. fp32 on a CPU with AVX2 and a C compiler); results equal the dense path's.
     """
     path = Path(path)
     dev = torch.device(device) if device is not None else default_device()
@@ -102,8 +105,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
     g = GGUFFile(path)
     cfg = g.config()
     tok = Tokenizer.from_gguf_metadata(g.meta)
-    use_packed = bool(packed)
+    if packed is None:
+        packed = dev.type == "cpu" and dt == torch.float32 and kernel() is not None
+    use_packed = packed
     model = build_model(cfg, g.state_dict(cfg, packed=use_packed), dev, dt, progress)
-    types = Counter(t.tensor_type.name for t in g.reader.tensors)
+    types = Counter(t.tensor_type.name for t in g.tensors.values())
     meta = {k: v for k, v in g.meta.items() if not k.startswith("tokenizer.ggml.")}
     return Checkpoint(model, tok, cfg, path, "gguf", dict(types), meta)

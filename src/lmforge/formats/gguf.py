@@ -2,50 +2,131 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from ..errors import LMForgeError
 from ..model.config import ModelConfig
-from ..model.quant import QuantWeight, from_gguf_blocks
+from ..model.quant import PackedWeight, from_gguf_blocks
 
-Weight = torch.Tensor | QuantWeight
+Weight = torch.Tensor | PackedWeight
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGML order: shape[0] is the contiguous (input) dimension
+    tensor_type: GGMLQuantizationType
+    data: np.ndarray  # raw bytes, uint8 [rows, bytes per row]
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+# GGUF value types: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _Cursor:
+    """Reads the GGUF header from an in-memory buffer. gguf's own reader builds a numpy view per
+    array element, which takes seconds on a 50k-token vocabulary; this takes tens of milliseconds."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str) -> Any:
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, n = self.scalar("<I"), self.scalar("<Q")
+            if etype in _SCALARS:  # numeric arrays in one unpack
+                fmt = _SCALARS[etype]
+                size = struct.calcsize(fmt)
+                out = list(struct.unpack_from(f"<{n}{fmt[1]}", self.buf, self.pos))
+                self.pos += n * size
+                return out
+            return [self.value(etype) for _ in range(n)]
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        return self.scalar(_SCALARS[vtype])
+
+
 class GGUFFile:
-    """A memory-mapped GGUF file with its metadata decoded."""
+    """A memory-mapped GGUF file: its metadata decoded, its tensors as raw byte views."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
         try:
-            self.reader = GGUFReader(str(self.path))
-        except Exception as e:  # the reader raises ValueError/IndexError/... on damaged files
-            raise LMForgeError(f"{self.path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
-        self.meta: dict[str, Any] = {}
-        for k, f in self.reader.fields.items():
-            if not k.startswith("GGUF."):
-                try:
-                    self.meta[k] = f.contents()
-                except Exception as e:
-                    raise LMForgeError(f"{self.path}: corrupt metadata field {k!r} ({e})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+            self._parse()
+        except (ValueError, struct.error, OSError, OverflowError) as e:
+            raise LMForgeError(f"{self.path}: not a valid GGUF file ({e}); is it truncated or corrupt?") from None
         self.arch = self.meta.get("general.architecture")
         if self.arch not in ARCHITECTURES:
             raise LMForgeError(f"{self.path}: unsupported GGUF architecture {self.arch!r} "
                                f"(supported: {', '.join(ARCHITECTURES)})")
-        for t in self.reader.tensors:
-            if t.tensor_type.name not in TENSOR_TYPES:
-                raise LMForgeError(f"{self.path}: unsupported GGUF tensor type {t.tensor_type.name} in {t.name} "
+
+    def _parse(self) -> None:
+        from gguf import GGML_QUANT_SIZES
+
+        self.mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        cur = _Cursor(memoryview(self.mmap))
+        if bytes(cur.buf[:4]) != b"GGUF":
+            raise ValueError("bad magic number")
+        cur.pos = 4
+        version, n_tensors, n_kv = cur.scalar("<I"), cur.scalar("<Q"), cur.scalar("<Q")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        self.meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            self.meta[key] = cur.value(cur.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = tuple(cur.scalar("<Q") for _ in range(cur.scalar("<I")))
+            infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+        align = int(self.meta.get("general.alignment", 32))
+        start = -(-cur.pos // align) * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, dims, tcode, offset in infos:
+            try:
+                ttype = GGMLQuantizationType(tcode)
+            except ValueError:
+                raise LMForgeError(f"{self.path}: unknown GGUF tensor type {tcode} in {name}") from None
+            if ttype.name not in TENSOR_TYPES:
+                raise LMForgeError(f"{self.path}: unsupported GGUF tensor type {ttype.name} in {name} "
                                    f"(supported: {', '.join(TENSOR_TYPES)})")
+            block, size = GGML_QUANT_SIZES[ttype]
+            row_bytes = dims[0] // block * size
+            rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+            lo = start + offset
+            if lo + rows * row_bytes > len(self.mmap):
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            self.tensors[name] = TensorInfo(name, dims, ttype, self.mmap[lo:lo + rows * row_bytes].reshape(rows, row_bytes))
 
     def arch_key(self, key: str, default: Any = None) -> Any:
         return self.meta.get(f"{self.arch}.{key}", default)
@@ -83,7 +164,6 @@ class GGUFFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Dequantize one tensor to fp32, in PyTorch's [out, in] layout."""
-        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         if name not in self.tensors:
@@ -92,7 +172,7 @@ class GGUFFile:
         shape = tuple(int(x) for x in reversed(t.shape))
         try:
             if t.tensor_type == GGMLQuantizationType.F32:
-                arr = np.asarray(t.data, dtype=np.float32)
+                arr = t.data.view(np.float32)
             else:
                 arr = dequantize(t.data, t.tensor_type)
             return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # copy: the mmap is read-only
@@ -100,7 +180,7 @@ class GGUFFile:
             raise LMForgeError(f"{self.path}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
 
     def weight(self, name: str, packed: bool) -> Weight:
-        """A linear weight: kept 4-bit packed when asked and the block type allows, else dense fp32."""
+        """A linear weight: with ``packed``, Q4_0/Q4_1/Q8_0 blocks stay as codes, else dense fp32."""
         t = self.tensors.get(name)
         if packed and t is not None and len(t.shape) == 2:
             qw = from_gguf_blocks(np.asarray(t.data), t.tensor_type.name, int(t.shape[1]), int(t.shape[0]))
@@ -109,7 +189,7 @@ class GGUFFile:
         return self.tensor(name)
 
     def state_dict(self, cfg: ModelConfig, packed: bool = False) -> Iterator[tuple[str, Weight]]:
-        """Yield our (name, weight) pairs one at a time; with ``packed``, matrices may stay 4-bit."""
+        """Yield our (name, weight) pairs one at a time; with ``packed``, matrices may stay as codes."""
         get = self.tensor
         w = lambda name: self.weight(name, packed)  # noqa: E731
         yield "tok_emb.weight", get("token_embd.weight")
@@ -146,20 +226,20 @@ class GGUFFile:
             yield "lm_head.weight", w("output.weight")
         elif packed:
             head = w("token_embd.weight")
-            if isinstance(head, QuantWeight):  # a packed copy of the tied matrix for the output layer
+            if isinstance(head, PackedWeight):  # codes of the tied matrix, for the output layer
                 yield "lm_head.weight", head
 
 
 def _rows(x: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight:
-    return x.map_rows(fn) if isinstance(x, QuantWeight) else fn(x)
+    return x.map_rows(fn) if isinstance(x, PackedWeight) else fn(x)
 
 
 def _cat(parts: list[Weight]) -> Weight:
-    if all(isinstance(p, QuantWeight) for p in parts):
-        fused = QuantWeight.cat(parts)  # type: ignore[arg-type]
+    if all(isinstance(p, PackedWeight) for p in parts):
+        fused = PackedWeight.cat(parts)  # type: ignore[arg-type]
         if fused is not None:
             return fused
-    return torch.cat([p.dequantize() if isinstance(p, QuantWeight) else p for p in parts])
+    return torch.cat([p.dequantize() if isinstance(p, PackedWeight) else p for p in parts])
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

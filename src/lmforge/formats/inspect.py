@@ -20,8 +20,8 @@ def describe(path: Path) -> dict[str, Any]:
 
     g = GGUFFile(path)
     cfg = g.config()
-    n = sum(int(t.n_elements) for t in g.reader.tensors)
-    types = Counter(t.tensor_type.name for t in g.reader.tensors)
+    n = sum(t.n_elements for t in g.tensors.values())
+    types = Counter(t.tensor_type.name for t in g.tensors.values())
     tokens = g.meta.get("tokenizer.ggml.tokens", [])
 
     def tok(key: str) -> str | None:

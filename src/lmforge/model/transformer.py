@@ -11,6 +11,7 @@ from torch import nn
 
 from .blocks import Block, Rotary, make_norm
 from .config import ModelConfig
+from .quant import PackedWeight, packed_matmul, use_packed
 
 
 class Transformer(nn.Module):
@@ -28,6 +29,12 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
+        # Codes of a tied output matrix from a quantized file, for fast CPU decoding (see quant.py).
+        self.head_packed: PackedWeight | None = None
+        self._head_version = 0
+
+    def set_head_packed(self, packed: PackedWeight) -> None:
+        self.head_packed, self._head_version = packed, self.tok_emb.weight._version
 
     # -- weights -----------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02) -> None:
@@ -107,5 +114,9 @@ class Transformer(nn.Module):
             x = x[torch.arange(b, device=dev), last_index]
         if return_hidden:
             return x
-        # lm_head may be set even with tied embeddings: a packed copy of the tied matrix for inference.
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        if self.head_packed is not None and self.tok_emb.weight._version != self._head_version:
+            self.head_packed = None  # the embeddings were changed (e.g. fine-tuned): the codes are stale
+        lib = use_packed(x, self.head_packed)
+        return packed_matmul(x, self.head_packed, lib) if lib else F.linear(x, self.tok_emb.weight)
