@@ -1,26 +1,32 @@
 """Prefill and decode speed of lmforge against transformers (and llama-cpp-python when installed).
 
-All engines run the same GGUF file in the same process, one after the other, so the printed ratios
-compare like with like on the same machine state. Absolute numbers drift on shared machines; ratios
+All engines run the same GGUF file, one after the other in one run (each in its own process), so the
+printed ratios compare like with like on the same machine state. Absolute numbers drift on shared machines; ratios
 are what to read.
 
     python benchmarks/generate.py [--model smollm2-135m-instruct] [--prompt-tokens 512] [--decode-tokens 256]
+
+transformers runs twice: as its users get it, and with KMP_BLOCKTIME=0, the OpenMP setting lmforge
+applies to itself on import (without it, MKL's and OpenMP's thread pools spin against each other
+between small ops on CPUs, which slows any PyTorch decode loop several times).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from lmforge.engine import SamplingParams
-from lmforge.formats import load_checkpoint
-from lmforge.registry import resolve
+# lmforge is imported only where it runs: importing it sets KMP_BLOCKTIME, which must not leak into
+# the process that measures transformers as its users get it.
 
 
 def machine() -> str:
@@ -42,7 +48,8 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
 
 
 def bench_lmforge(path: Path, prompt: list[int], short: list[int], n_decode: int) -> dict[str, float]:
-    from lmforge.engine import Engine
+    from lmforge.engine import Engine, SamplingParams
+    from lmforge.formats import load_checkpoint
 
     ck = load_checkpoint(path, device="cpu")
     eng = Engine(ck.model, ck.tokenizer, max_batch=8)
@@ -88,11 +95,11 @@ def bench_transformers(path: Path, prompt: list[int], short: list[int], n_decode
     return out
 
 
-def bench_llama_cpp(path: Path, prompt: list[int], short: list[int], n_decode: int) -> dict[str, float] | None:
+def bench_llama_cpp(path: Path, prompt: list[int], short: list[int], n_decode: int) -> dict[str, float]:
     try:
         from llama_cpp import Llama
     except ImportError:
-        return None
+        raise SystemExit("llama-cpp-python is not installed") from None
     llm = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=os.cpu_count(), verbose=False)
     llm.eval(short)  # warm-up
     llm.reset()
@@ -110,37 +117,69 @@ def bench_llama_cpp(path: Path, prompt: list[int], short: list[int], n_decode: i
     return out
 
 
+ENGINES = {
+    # name: (function, extra environment); None removes a variable
+    "lmforge": ("bench_lmforge", {}),
+    "transformers": ("bench_transformers", {"KMP_BLOCKTIME": None}),
+    "transformers+KMP_BLOCKTIME=0": ("bench_transformers", {"KMP_BLOCKTIME": "0"}),
+    "llama.cpp": ("bench_llama_cpp", {}),
+}
+
+
+def run_engine(name: str, args: argparse.Namespace) -> dict[str, float] | None:
+    """Each engine runs in its own process: separate thread pools, memory, and environment."""
+    env = {k: v for k, v in os.environ.items() if k != "KMP_BLOCKTIME"}
+    for k, v in ENGINES[name][1].items():
+        if v is not None:
+            env[k] = v
+    cmd = [sys.executable, __file__, "--engine", name, "--model", str(args.path), "--vocab", str(args.vocab),
+           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"{name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    ap.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine, print JSON
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    path = resolve(args.model)
-    ck = load_checkpoint(path, device="cpu")
-    vocab = ck.config.vocab_size
-    del ck
-    prompt, short = prompt_ids(vocab, args.prompt_tokens), prompt_ids(vocab, 16, seed=1)
+    if args.engine:
+        path = Path(args.model)
+        prompt, short = prompt_ids(args.vocab, args.prompt_tokens), prompt_ids(args.vocab, 16, seed=1)
+        result = globals()[ENGINES[args.engine][0]](path, prompt, short, args.decode_tokens)
+        print(json.dumps(result))
+        return
+
+    from lmforge.formats.gguf import GGUFFile
+    from lmforge.registry import resolve
+
+    path = args.path = resolve(args.model)
+    args.vocab = GGUFFile(path).config().vocab_size
     print(f"machine: {machine()}")
     print(f"model: {path.name}; prefill {args.prompt_tokens} tokens; decode {args.decode_tokens} greedy tokens")
-
-    results = {"lmforge": bench_lmforge(path, prompt, short, args.decode_tokens)}
-    if not args.skip_transformers:
-        results["transformers"] = bench_transformers(path, prompt, short, args.decode_tokens)
-    llama = bench_llama_cpp(path, prompt, short, args.decode_tokens)
-    if llama is not None:
-        results["llama.cpp"] = llama
-    else:
-        print("llama-cpp-python not installed: skipping llama.cpp")
+    results: dict[str, dict[str, float]] = {}
+    for name in args.engines.split(","):
+        r = run_engine(name, args)
+        if r is None:
+            print(f"{name}: not available, skipped")
+        else:
+            results[name] = r
+    if "lmforge" not in results:
+        raise SystemExit("lmforge failed")
 
     metrics = [("prefill", "prefill tok/s"), ("decode_b1", "decode tok/s, batch 1"),
                ("decode_b8", "decode tok/s, batch 8")]
     peers = [p for p in results if p != "lmforge"]
-    header = "| metric | " + " | ".join(results) + " | " + " | ".join(f"lmforge / {p}" for p in peers) + " |"
     print()
-    print(header)
+    print("| metric | " + " | ".join(results) + " | " + " | ".join(f"lmforge / {p}" for p in peers) + " |")
     print("|" + "---|" * (1 + len(results) + len(peers)))
     for key, label in metrics:
         ours = results["lmforge"].get(key)

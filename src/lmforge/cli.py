@@ -111,14 +111,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     lm = _load(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    ids = lm.tokenizer.encode(prompt)
-    if args.stream:
-        for delta in lm.engine.stream(ids, params):
-            print(delta, end="", flush=True)
-        print()
-        return 0
-    seq = lm.engine.generate([ids], params)[0]
-    print(seq.text)
+    seq = lm.engine.add(lm.tokenizer.encode(prompt), params)
+    while not seq.done:
+        for s, delta in lm.engine.step():
+            if s is seq and args.stream:
+                print(delta, end="", flush=True)
+    print() if args.stream else print(seq.text)
     if args.logprobs:
         tok = lm.tokenizer
         for lp in seq.logprobs:
@@ -136,10 +134,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # -- entry point -----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, like every other lmforge error, instead of argparse's usage dump.
+        self.exit(2, f"lmforge: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="lmforge", description="Run, chat with and inspect language models.")
+    parser = _Parser(prog="lmforge", description="Run, chat with and inspect language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -78,6 +78,9 @@ class Engine:
         bad = [i for i in prompt_ids if not 0 <= i < self.cfg.vocab_size]
         if bad:
             raise LMForgeError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
+        bad = [i for i in (params.logit_bias or {}) if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise LMForgeError(f"logit_bias token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
         stop_ids = set(params.stop_token_ids)
         if self.tok is not None and not params.ignore_eos:
             stop_ids.update(self.tok.stop_token_ids)
@@ -97,7 +100,8 @@ class Engine:
             self.waiting.remove(seq)
         if not seq.done:
             seq.finish_reason = "cancelled"
-        self.running.pop(seq.slot, None)
+        if self.running.get(seq.slot) is seq:  # a finished sequence's slot may already be someone else's
+            del self.running[seq.slot]
 
     @property
     def has_work(self) -> bool:

@@ -95,7 +95,7 @@ class SamplerState:
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids = [i for i in params.logit_bias if 0 <= i < vocab]
-            self.bias = (torch.tensor(ids, device=device),
+            self.bias = (torch.tensor(ids, dtype=torch.long, device=device),
                          torch.tensor([params.logit_bias[i] for i in ids], device=device))
 
     def observe(self, token: int) -> None:

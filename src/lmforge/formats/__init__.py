@@ -19,6 +19,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LMForgeError(f"invalid device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LMForgeError(f"device {device!r} requested, but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LMForgeError(f"device {device!r} requested, but only {torch.cuda.device_count()} CUDA devices exist")
+    return dev
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are far slower.
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -84,7 +96,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
     where it runs, i.e. fp32 on a CPU with AVX2 and a C compiler); results equal the dense path's.
     """
     path = Path(path)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = parse_device(device) if device is not None else default_device()
     dt = dtype or default_dtype(dev)
     if not path.exists():
         raise LMForgeError(f"no such file or directory: {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from ..errors import LMForgeError
 
 
 def _fmt_params(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def describe(path: Path) -> dict[str, Any]:
@@ -46,15 +49,14 @@ def _describe_hf(path: Path) -> dict[str, Any]:
     cfg = config_from_hf(read_json(path / "config.json"))
     n, types = 0, Counter()
     for f in _safetensors_files(path):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                sl = h.get_slice(k)
-                shape = sl.get_shape()
-                count = 1
-                for d in shape:
-                    count *= d
-                n += count
-                types[sl.get_dtype()] += 1
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    n += math.prod(sl.get_shape())
+                    types[sl.get_dtype()] += 1
+        except Exception as e:  # safetensors raises its own error type for damaged headers
+            raise LMForgeError(f"{f}: not a valid safetensors file ({e})") from None
     template = None
     tc = path / "tokenizer_config.json"
     if (path / "chat_template.jinja").exists():

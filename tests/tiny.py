@@ -1,0 +1,185 @@
+"""Tiny, fast model builders shared by the CLI, engine and tokenizer tests.
+
+* ``train_tokenizer()``: a byte-level BPE ``tokenizers.Tokenizer`` trained on a few sentences, with the
+  special tokens ``<|endoftext|>``, ``<|im_start|>`` and ``<|im_end|>``.
+* ``make_tiny_llama_dir(tmp, context=64)``: an HF directory (config.json + model.safetensors written by
+  transformers' ``save_pretrained``, tokenizer.json, tokenizer_config.json with a ChatML template).
+* ``write_tiny_gguf(path)``: a tiny llama GGUF (F32) with a byte-level BPE vocabulary.
+* ``ScriptedModel``: a stand-in for ``Transformer`` whose greedy output is a fixed token script, so
+  engine tests can make the "model" say exactly the text they need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from lmforge.model import ModelConfig
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! This is a tiny tokenizer for tests.",
+    "The cat sat on the mat, then the cat ate the fish.",
+    "Language models predict the next token from the previous tokens.",
+    "We generate text, stream text, and stop at a stop string.",
+    "user assistant system hello hi brief answer question",
+]
+VOCAB_SIZE = 384
+
+
+def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> HFTokenizer:
+    """A GPT-2 style byte-level BPE tokenizer (every byte is in the alphabet, so any text encodes)."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
+    """Large-std weights so greedy generation is varied rather than one token repeated."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def make_tiny_llama_dir(tmp: Path, context: int = 64, seed: int = 0, chat_template: str | None = CHATML_TEMPLATE,
+                        tokenizer: HFTokenizer | None = None) -> Path:
+    """Write a tiny random Llama HF directory with a trained BPE tokenizer; returns the directory."""
+    import transformers
+
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer or train_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"), pad_token_id=None,
+    )
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    randomize(model, seed)
+    model.save_pretrained(tmp)
+    tok.save(str(tmp / "tokenizer.json"))
+    tc = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": context,
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template is not None:
+        tc["chat_template"] = chat_template
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2), encoding="utf-8")
+    return tmp
+
+
+# -- GGUF --------------------------------------------------------------------------------------------
+def write_tiny_gguf(path: Path, context: int = 64, seed: int = 0) -> Path:
+    """A tiny F32 llama GGUF whose vocabulary is the trained byte-level BPE tokenizer's."""
+    from gguf import GGUFWriter
+
+    tok = train_tokenizer()
+    vocab_map = tok.get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab_map.items(), key=lambda kv: kv[1])]
+    special = set(SPECIAL_TOKENS)
+    types = [3 if t in special else 1 for t in tokens]
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    vocab, dim, ffn, n_heads, n_layers = len(tokens), 32, 64, 4, 1
+    rng = np.random.default_rng(seed)
+
+    def r(*shape: int) -> np.ndarray:
+        return (0.3 * rng.standard_normal(shape)).astype(np.float32)
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny-gguf")
+    w.add_block_count(n_layers)
+    w.add_context_length(context)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(dim // n_heads)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(vocab_map["<|im_end|>"])
+    w.add_tensor("token_embd.weight", r(vocab, dim))
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", np.ones(dim, np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(b + name + ".weight", r(dim, dim))
+        w.add_tensor(b + "ffn_norm.weight", np.ones(dim, np.float32))
+        w.add_tensor(b + "ffn_gate.weight", r(ffn, dim))
+        w.add_tensor(b + "ffn_up.weight", r(ffn, dim))
+        w.add_tensor(b + "ffn_down.weight", r(dim, ffn))
+    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor("output.weight", r(vocab, dim))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# -- a model that says what it is told ----------------------------------------------------------------
+class ScriptedModel(torch.nn.Module):
+    """Engine-compatible stand-in for ``Transformer``: the logits at absolute position p put all the mass
+    on ``script[p - prompt_len]`` (the greedy choice), so output token k is ``script[k]``.
+
+    Once the script runs out it repeats its last token. Logits are ``-10`` everywhere and ``+10`` on the
+    scripted token, so every token keeps a finite logprob.
+    """
+
+    def __init__(self, script: list[int], prompt_len: int, vocab_size: int, context: int = 64) -> None:
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab_size, dim=8, n_layers=1, n_heads=1, ffn_dim=8,
+                               context_length=context)
+        self.script, self.prompt_len = list(script), prompt_len
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # the engine reads device/dtype from a parameter
+
+    def _row(self, pos: int) -> torch.Tensor:
+        k = min(max(pos - self.prompt_len, 0), len(self.script) - 1)
+        row = torch.full((self.cfg.vocab_size,), -10.0)
+        row[self.script[k]] = 10.0
+        return row
+
+    def forward(self, tokens: torch.Tensor, *, cache=None, start_pos=None, slots=None, last_index=None,
+                **_: object) -> torch.Tensor:
+        b, t = tokens.shape
+        start = list(start_pos) if start_pos is not None else [0] * b
+        # The token predicted after input position j sits at absolute position start + j + 1.
+        out = torch.stack([torch.stack([self._row(start[r] + j + 1) for j in range(t)]) for r in range(b)])
+        if last_index is not None:
+            return out[torch.arange(b), last_index]
+        return out
