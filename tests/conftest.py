@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Captured at import, before any test patches LMFORGE_HOME, so the real model is cached in a
 # persistent place and reused across test sessions.
@@ -21,3 +22,12 @@ def smollm2_path() -> Path:
         mp.setenv("LMFORGE_HOME", _PERSISTENT_HOME)
         path = registry.resolve(registry.DEFAULT_MODEL, quiet=True)
     return path.resolve()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster single-threaded: thread wake-ups cost more than their matmuls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,12 +26,7 @@ CONTEXT = 64
 KNOWN = ("smollm2-135m-instruct", "all-minilm-l6-v2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -21,9 +21,11 @@ transformers = pytest.importorskip("transformers")
 
 from gguf import GGMLQuantizationType, GGUFWriter  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
+from tiny import randomize  # noqa: E402
 
 from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.formats import load_checkpoint  # noqa: E402
+from lmforge.tokenizer import _byte_alphabet  # noqa: E402
 
 VOCAB = 320  # a multiple of 32, so token_embd / output rows can be block-quantized
 DIM, FFN, N_HEADS, N_KV_HEADS, N_LAYERS = 64, 128, 4, 2, 2
@@ -37,31 +39,13 @@ QTYPES = ("F32", "Q8_0", "Q4_1")
 PROMPT = [319, 5, 17, 300, 42, 99, 7, 250, 3, 64, 128, 1, 277, 31, 260, 8, 200]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- a minimal GPT-2 byte-level BPE vocabulary -----------------------------------------------------
-def _byte_alphabet() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs, strict=True))
-    return [chr(table[b]) for b in range(256)]
-
-
 def _vocab() -> tuple[list[str], list[int], list[str]]:
-    tokens = _byte_alphabet()
+    alphabet = _byte_alphabet()
+    tokens = [alphabet[b] for b in range(256)]
     merges = []
     letters = "etaoinshrdlucmfw"
     for a in letters:
@@ -182,19 +166,6 @@ def write_gpt2_gguf(path: Path, sd: dict[str, np.ndarray], qtype: str) -> Path:
 
 
 # -- reference models ----------------------------------------------------------------------------
-def _randomize(model: torch.nn.Module, seed: int, std: float = 0.15) -> None:
-    """Large-std weights (sharp attention, so rope layout matters) and norms/biases away from 1/0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-
-
 def _hf_llama() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
@@ -202,7 +173,7 @@ def _hf_llama() -> torch.nn.Module:
         num_attention_heads=N_HEADS, num_key_value_heads=N_KV_HEADS, max_position_embeddings=LLAMA_CTX,
         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=EOS, eos_token_id=EOS)
     m = transformers.LlamaForCausalLM(cfg).float().eval()
-    _randomize(m, 0)
+    randomize(m, 0, std=0.15)
     return m
 
 
@@ -211,7 +182,7 @@ def _hf_gpt2() -> torch.nn.Module:
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=DIM, n_layer=N_LAYERS, n_head=N_HEADS,
                                   n_positions=GPT2_CTX, layer_norm_epsilon=1e-5, bos_token_id=EOS, eos_token_id=EOS)
     m = transformers.GPT2LMHeadModel(cfg).float().eval()
-    _randomize(m, 1)
+    randomize(m, 1, std=0.15)
     return m
 
 

@@ -17,6 +17,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny import randomize  # noqa: E402
+
 from lmforge.engine import Engine, SamplingParams  # noqa: E402
 from lmforge.formats import load_checkpoint  # noqa: E402
 
@@ -26,13 +28,7 @@ NEW_TOKENS = 32
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
@@ -70,18 +66,6 @@ VARIANTS = [
 ]
 
 
-def _randomize(model: torch.nn.Module, seed: int, std: float = 0.15) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and name.endswith("weight"):  # norm gains
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:  # biases
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-
-
 @dataclass
 class Pair:
     variant: Variant
@@ -98,7 +82,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     torch.manual_seed(seed)
     cls = getattr(transformers, v.build)
     hf = cls(cls.config_class(**v.config)).float().eval()
-    _randomize(hf, seed)
+    randomize(hf, seed, std=0.15)
     path = tmp_path_factory.mktemp(v.name)
     if v.shard:
         hf.save_pretrained(path, max_shard_size="50KB")
