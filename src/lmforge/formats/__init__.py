@@ -11,7 +11,8 @@ import torch
 
 from ..errors import LMForgeError
 from ..model import ModelConfig, Transformer
-from ..model.quant import PackedLinear, PackedWeight, kernel
+from ..model.kernels import lib
+from ..model.quant import PackedLinear, PackedWeight
 from ..tokenizer import Tokenizer
 
 
@@ -118,7 +119,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
     cfg = g.config()
     tok = Tokenizer.from_gguf_metadata(g.meta)
     if packed is None:
-        packed = dev.type == "cpu" and dt == torch.float32 and kernel() is not None
+        packed = dev.type == "cpu" and dt == torch.float32 and lib() is not None
     use_packed = packed
     model = build_model(cfg, g.state_dict(cfg, packed=use_packed), dev, dt, progress)
     types = Counter(t.tensor_type.name for t in g.tensors.values())

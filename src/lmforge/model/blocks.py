@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -23,8 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; the hot path of CPU decoding
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if kernels.fast_path(x):  # one C call instead of several dispatched ops (CPU inference)
+            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 whatever the activation dtype, as the reference implementations do.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -86,12 +87,14 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [b, T] -> cos, sin of shape [b, 1, T, head_dim]."""
-        need = int(positions.max()) + 1 if positions.numel() else 1
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype, max_pos: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [b, T] -> cos, sin of shape [b, 1, T, head_dim]. ``max_pos`` spares a device sync."""
+        need = (max_pos if max_pos is not None else int(positions.max()) if positions.numel() else 0) + 1
         if self.cos is None or self.cos.shape[0] < need or self.cos.device != positions.device:
             self._build(max(need, 1024 if self.cos is None else 2 * self.cos.shape[0]), positions.device)
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -126,13 +129,19 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         # Slicing rather than split(): on the decode path every dispatched op costs microseconds.
         nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
-        heads = self.qkv(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, q+k+v heads, t, hd]
+        proj = self.qkv(x)
+        fast = kernels.fast_path(proj)
+        if rope is not None and fast:  # q and k rotate in place, in one C call
+            kernels.rope_(proj, rope[0], rope[1], nqk, self.head_dim)
+        heads = proj.view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, q+k+v heads, t, hd]
         qk, v = heads[:, :nqk], heads[:, nqk:]
-        if rope is not None:  # q and k rotate together: half the ops of rotating each
+        if rope is not None and not fast:  # q and k rotate together: half the ops of rotating each
             qk = apply_rotary(qk, *rope)
         q, k = qk[:, :nq], qk[:, nq:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        if fast and b == 1 and t == 1 and mask is None and k.stride(-2) == self.head_dim:
+            return self.o(kernels.attn_decode(q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
         )
@@ -154,6 +163,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             h = self.gate_up(x)
+            if self.act is F.silu and h.numel() <= kernels.MAX_ROWS * 2 * self.ffn_dim and kernels.fast_path(h):
+                return self.down(kernels.swiglu(h))
             return self.down(self.act(h[..., : self.ffn_dim]) * h[..., self.ffn_dim:])
         return self.down(self.act(self.fc(x)))
 

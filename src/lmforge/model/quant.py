@@ -2,32 +2,21 @@
 
 Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth. A
 `PackedLinear` keeps the file's 4-/8-bit codes next to the dense fp32 weight and, for the few rows
-of a decode step, multiplies with the codes through a small AVX2 kernel (csrc/qgemv.c, compiled on
-first use). Everything else (prefill, training, other devices) uses the dense weight, which is the
-exact dequantization of the same codes, so both paths compute the same function.
+of a decode step, multiplies with the codes through the C kernels (kernels.py). Everything else
+(prefill, training, other devices) uses the dense weight, the exact dequantization of the same codes.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUP = 32
-MAX_ROWS = 8  # the kernel's row limit; larger batches are compute-bound and go to the dense matmul
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from .kernels import GROUP, MAX_ROWS, fast_path, packed_matmul
 
 
 @dataclass
@@ -86,67 +75,9 @@ def from_gguf_blocks(raw: np.ndarray, qtype: str, n: int, k: int) -> PackedWeigh
     return PackedWeight("q8", t(b[..., 2:].reshape(n, nb * GROUP).view(np.int8)), t(d), t(np.zeros_like(d)))
 
 
-# -- the kernel ---------------------------------------------------------------------------------------
-_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
-
-
-@lru_cache(maxsize=1)
-def kernel() -> ctypes.CDLL | None:
-    """Compile (once, cached under $LMFORGE_HOME/kernels) and load the kernel; None where unavailable."""
-    if os.environ.get("LMFORGE_KERNELS", "1") == "0" or sys.platform != "linux":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    from ..registry import home
-
-    src = _SOURCE.read_bytes()
-    out = home() / "kernels" / f"qgemv-{hashlib.sha256(src).hexdigest()[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
-               str(_SOURCE), "-o", tmp]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            os.replace(tmp, out)
-        except (OSError, subprocess.SubprocessError):
-            Path(tmp).unlink(missing_ok=True)
-            return None  # no compiler: the dense path still works, just slower
-    try:
-        lib = ctypes.CDLL(str(out))
-    except OSError:
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    i32 = ctypes.c_int
-    lib.q4_gemv.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
-    lib.q8_gemv.argtypes = [p, p, p, p, i64, i64, i64, i32]
-    lib.q4_gemv.restype = lib.q8_gemv.restype = None
-    return lib
-
-
-def packed_matmul(x: torch.Tensor, w: PackedWeight, lib: ctypes.CDLL) -> torch.Tensor:
-    """x [..., K] @ w.T for at most MAX_ROWS rows, fp32 on CPU."""
-    n, k = w.shape
-    x2 = x.reshape(-1, k)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    if w.kind == "q4":
-        lib.q4_gemv(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr(), y.data_ptr(), m, n, k, THREADS)
-    else:
-        lib.q8_gemv(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), y.data_ptr(), m, n, k, THREADS)
-    return y.reshape(*x.shape[:-1], n)
-
-
-def use_packed(x: torch.Tensor, w: PackedWeight | None) -> ctypes.CDLL | None:
-    """The kernel, if this call can take the fast path: CPU fp32 inference on a few rows."""
-    if w is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() > MAX_ROWS * w.shape[1]:
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:
-        return None
-    return kernel()
+def use_packed(x: torch.Tensor, w: PackedWeight | None) -> bool:
+    """Whether this product can take the packed path: CPU fp32 inference on a few rows."""
+    return w is not None and x.numel() <= MAX_ROWS * w.shape[1] and fast_path(x)
 
 
 class PackedLinear(nn.Linear):
@@ -163,8 +94,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.weight._version != self._version:
             self.packed = None  # the dense weight was changed (e.g. fine-tuned): the codes are stale
-        lib = use_packed(x, self.packed)
-        if lib is None:
+        if not use_packed(x, self.packed):
             return F.linear(x, self.weight, self.bias)
-        y = packed_matmul(x, self.packed, lib)
+        y = packed_matmul(x, self.packed)
         return y + self.bias if self.bias is not None else y

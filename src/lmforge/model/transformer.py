@@ -11,7 +11,8 @@ from torch import nn
 
 from .blocks import Block, Rotary, make_norm
 from .config import ModelConfig
-from .quant import PackedWeight, packed_matmul, use_packed
+from .kernels import packed_matmul
+from .quant import PackedWeight, use_packed
 
 
 class Transformer(nn.Module):
@@ -105,7 +106,8 @@ class Transformer(nn.Module):
             x = x + self.type_emb(token_types if token_types is not None else torch.zeros_like(tokens))
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        max_pos = max(start) + t - 1 if cache is not None else t - 1
+        rope = self.rotary(positions, x.dtype, max_pos) if self.rotary is not None else None
         for layer in self.layers:
             x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
         if self.norm is not None:
@@ -118,5 +120,6 @@ class Transformer(nn.Module):
             return self.lm_head(x)
         if self.head_packed is not None and self.tok_emb.weight._version != self._head_version:
             self.head_packed = None  # the embeddings were changed (e.g. fine-tuned): the codes are stale
-        lib = use_packed(x, self.head_packed)
-        return packed_matmul(x, self.head_packed, lib) if lib else F.linear(x, self.tok_emb.weight)
+        if use_packed(x, self.head_packed):
+            return packed_matmul(x, self.head_packed)
+        return F.linear(x, self.tok_emb.weight)

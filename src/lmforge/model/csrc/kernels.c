@@ -1,0 +1,266 @@
+/* Matrix-vector products straight from GGUF block-quantized weights (AVX2 + FMA, OpenMP).
+ *
+ * Decoding a token reads every weight once, so on CPUs it is bound by memory bandwidth; reading the
+ * 4- or 8-bit codes instead of fp32 weights is what makes it fast. Weights are decoded to fp32 in
+ * registers and multiplied with fp32 activations, so results match the dequantized weights up to
+ * float rounding. Groups are 32 weights along K with one scale (and, for 4-bit, one offset) each.
+ *
+ *   y[m, n] = sum_g  scale[n, g] * sum_j code(n, 32g + j) * x[m, 32g + j]  +  zero[n, g] * sum_j x[m, 32g + j]
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define MAX_ROWS 8  /* must match quant.py */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* One output element: row `row` of 4-bit codes against one activation row. Two accumulators in
+ * registers, alternating groups, keep the FMA latency chains short. */
+static inline float q4_dot(const uint8_t *row, const float *sc, const float *ze, const float *x,
+                           const float *xsum, int64_t G) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float zacc = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(row + g * 16));
+        __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        const float *xp = x + g * 32;
+        __m256 t = _mm256_mul_ps(u8x8(lo), _mm256_loadu_ps(xp));
+        __m256 u = _mm256_mul_ps(u8x8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp + 8));
+        t = _mm256_fmadd_ps(u8x8(hi), _mm256_loadu_ps(xp + 16), t);
+        u = _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp + 24), u);
+        __m256 s = _mm256_set1_ps(sc[g]);
+        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc0);
+        zacc += ze[g] * xsum[g];
+    }
+    return hsum(_mm256_add_ps(acc0, acc1)) + zacc;
+}
+
+static inline float q8_dot(const int8_t *row, const float *sc, const float *x, int64_t G) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *b = row + g * 32;
+        const float *xp = x + g * 32;
+        __m256 t = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)b)), _mm256_loadu_ps(xp));
+        __m256 u = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)(b + 8))), _mm256_loadu_ps(xp + 8));
+        t = _mm256_fmadd_ps(i8x8(_mm_loadl_epi64((const __m128i *)(b + 16))), _mm256_loadu_ps(xp + 16), t);
+        u = _mm256_fmadd_ps(i8x8(_mm_loadl_epi64((const __m128i *)(b + 24))), _mm256_loadu_ps(xp + 24), u);
+        __m256 s = _mm256_set1_ps(sc[g]);
+        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc0);
+    }
+    return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+/* 4-bit codes [N, K/2] in GGML order: byte j of a group holds element j (low nibble) and j + 16 (high). */
+void q4_gemv(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
+             int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t G = K / 32;
+    float *xsum = malloc(sizeof(float) * M * G);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += x[m * K + g * 32 + j];
+            xsum[m * G + g] = s;
+        }
+    if (M == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++) y[n] = q4_dot(codes + n * (K / 2), scale + n * G, zero + n * G, x, xsum, G);
+        free(xsum);
+        return;
+    }
+    /* Several rows: decode each group's codes once and use them for every row. */
+    const __m128i mask = _mm_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * (K / 2);
+        __m256 acc[MAX_ROWS];
+        float zacc[MAX_ROWS];
+        for (int64_t m = 0; m < M; m++) { acc[m] = _mm256_setzero_ps(); zacc[m] = 0.f; }
+        for (int64_t g = 0; g < G; g++) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(row + g * 16));
+            __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            __m256 w0 = u8x8(lo), w1 = u8x8(_mm_srli_si128(lo, 8)), w2 = u8x8(hi), w3 = u8x8(_mm_srli_si128(hi, 8));
+            __m256 sc = _mm256_set1_ps(scale[n * G + g]);
+            float ze = zero[n * G + g];
+            for (int64_t m = 0; m < M; m++) {
+                const float *xp = x + m * K + g * 32;
+                __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xp));
+                t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), t);
+                t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), t);
+                t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), t);
+                acc[m] = _mm256_fmadd_ps(t, sc, acc[m]);
+                zacc[m] += ze * xsum[m * G + g];
+            }
+        }
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]) + zacc[m];
+    }
+    free(xsum);
+}
+
+/* Signed 8-bit codes [N, K], one scale per group (GGUF Q8_0). */
+void q8_gemv(const float *x, const int8_t *codes, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
+             int threads) {
+    const int64_t G = K / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)  /* the row's codes stay in L1 across the batch */
+            y[m * N + n] = q8_dot(codes + n * K, scale + n * G, x + m * K, G);
+}
+
+/* -- 16-bit activations -------------------------------------------------------------------------------
+ * The same products with each group of 32 activations rounded to int16 (scale = max|x| / 32767), so
+ * integer multiply-adds (vpmaddwd) do 16 products an instruction instead of per-element float
+ * conversions. Relative rounding is at most 2^-16 of the group's largest activation: about 256 times
+ * finer than the 8-bit activations llama.cpp uses. */
+static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int64_t M, int64_t K) {
+    const int64_t G = K / 32;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            const float *p = x + m * K + g * 32;
+            float amax = 0.f, s = 0.f;
+            for (int j = 0; j < 32; j++) { float a = fabsf(p[j]); amax = a > amax ? a : amax; s += p[j]; }
+            float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+            for (int j = 0; j < 32; j++) xq[m * K + g * 32 + j] = (int16_t)lrintf(p[j] * inv);
+            dx[m * G + g] = d;
+            xsum[m * G + g] = s;
+        }
+}
+
+static inline float q4_dot16(const uint8_t *row, const float *sc, const float *ze, const int16_t *xq,
+                             const float *dx, const float *xsum, int64_t G) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float zacc = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(row + g * 16));
+        __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));                     /* elements 0..15 */
+        __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));  /* elements 16..31 */
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + g * 32))),
+                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + g * 32 + 16))));
+        __m256 s = _mm256_set1_ps(sc[g] * dx[g]);
+        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc0);
+        zacc += ze[g] * xsum[g];
+    }
+    return hsum(_mm256_add_ps(acc0, acc1)) + zacc;
+}
+
+static inline float q8_dot16(const int8_t *row, const float *sc, const int16_t *xq, const float *dx, int64_t G) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *b = row + g * 32;
+        __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
+        __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + g * 32))),
+                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + g * 32 + 16))));
+        __m256 s = _mm256_set1_ps(sc[g] * dx[g]);
+        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc0);
+    }
+    return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+void q4_gemv16(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
+               int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t G = K / 32;
+    int16_t *xq = malloc(sizeof(int16_t) * M * K);
+    float *dx = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
+    quantize16(x, xq, dx, xsum, M, K);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = q4_dot16(codes + n * (K / 2), scale + n * G, zero + n * G, xq + m * K, dx + m * G,
+                                    xsum + m * G, G);
+    free(xq); free(dx); free(xsum);
+}
+
+void q8_gemv16(const float *x, const int8_t *codes, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
+               int threads) {
+    const int64_t G = K / 32;
+    int16_t *xq = malloc(sizeof(int16_t) * M * K);
+    float *dx = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
+    quantize16(x, xq, dx, xsum, M, K);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = q8_dot16(codes + n * K, scale + n * G, xq + m * K, dx + m * G, G);
+    free(xq); free(dx); free(xsum);
+}
+
+/* -- small fused ops for the decode step -----------------------------------------------------------------
+ * Each replaces several PyTorch ops whose dispatch costs more than their arithmetic at one token. */
+void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = x + r * dim;
+        float ss = 0.f;
+        for (int64_t j = 0; j < dim; j++) ss += p[j] * p[j];
+        float inv = 1.f / sqrtf(ss / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++) y[r * dim + j] = w[j] * (p[j] * inv);
+    }
+}
+
+/* h: [rows, 2 * ffn] = gate | up; y: [rows, ffn] = silu(gate) * up */
+void swiglu(const float *h, float *y, int64_t rows, int64_t ffn) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < ffn; j++) {
+            float g = h[r * 2 * ffn + j];
+            y[r * ffn + j] = g / (1.f + expf(-g)) * h[r * 2 * ffn + ffn + j];
+        }
+}
+
+/* Rotary embedding in place on a fresh qkv projection: x [rows, heads, hd], rotating the first n_rot
+ * heads of each row (q and k; v is left alone) in the half-split layout. cos/sin: [rows, hd]. */
+void rope_inplace(float *x, const float *cos, const float *sin, int64_t rows, int64_t heads, int64_t n_rot,
+                  int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * hd, *s = sin + r * hd;
+        for (int64_t h = 0; h < n_rot; h++) {
+            float *p = x + (r * heads + h) * hd;
+            for (int64_t j = 0; j < half; j++) {
+                float a = p[j], b = p[j + half];
+                p[j] = a * c[j] - b * s[j];
+                p[j + half] = b * c[j + half] + a * s[j + half];
+            }
+        }
+    }
+}
+
+/* One query token against kv_len cached keys/values (grouped-query attention).
+ * q, out: [nh, hd]; k, v: head h's kv head starts at k + (h / (nh / nkv)) * head_stride, one row per position. */
+void attn_decode(const float *q, const float *k, const float *v, float *out, int64_t nh, int64_t nkv,
+                 int64_t kv_len, int64_t head_stride, int64_t hd, float scale, int threads) {
+    const int64_t group = nh / nkv;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t h = 0; h < nh; h++) {
+        const float *qh = q + h * hd, *kh = k + (h / group) * head_stride, *vh = v + (h / group) * head_stride;
+        float *sc = malloc(sizeof(float) * kv_len), mx = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < kv_len; j++) {
+            float d = 0.f;
+            for (int64_t i = 0; i < hd; i++) d += qh[i] * kh[j * hd + i];
+            sc[j] = d * scale;
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        float *o = out + h * hd;
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.f;
+        for (int64_t j = 0; j < kv_len; j++) {
+            float w = expf(sc[j] - mx);
+            sum += w;
+            for (int64_t i = 0; i < hd; i++) o[i] += w * vh[j * hd + i];
+        }
+        for (int64_t i = 0; i < hd; i++) o[i] /= sum;
+        free(sc);
+    }
+}
