@@ -78,3 +78,37 @@ def test_packed_linear_paths_and_staleness(weight: np.ndarray) -> None:
         torch.testing.assert_close(layer(x1), torch.nn.functional.linear(x1, layer.weight, layer.bias))
     assert layer.packed is None
     assert list(dict(layer.state_dict())) == ["weight", "bias"]  # the codes are not part of the checkpoint
+
+
+@needs_kernel
+def test_fused_ops_match_pytorch() -> None:
+    from lmforge.model.blocks import apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 64, generator=g), torch.randn(64, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), ref)
+
+    h = torch.randn(2, 1, 2 * 48, generator=g)
+    torch.testing.assert_close(kernels.swiglu(h), torch.nn.functional.silu(h[..., :48]) * h[..., 48:])
+
+    # rotary in place on a [b, t, heads * hd] projection: the first 3 heads (q, k) rotate, the last does not
+    b, t, heads, hd = 2, 3, 4, 16
+    proj = torch.randn(b, t, heads * hd, generator=g)
+    angles = torch.rand(b, t, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+    heads_view = proj.view(b, t, heads, hd).transpose(1, 2)
+    want = torch.cat([apply_rotary(heads_view[:, :3], cos, sin), heads_view[:, 3:]], dim=1)
+    kernels.rope_(proj, cos, sin, 3, hd)
+    torch.testing.assert_close(proj.view(b, t, heads, hd).transpose(1, 2), want)
+
+
+@needs_kernel
+def test_attn_decode_matches_sdpa_on_cache_views() -> None:
+    g = torch.Generator().manual_seed(1)
+    nh, nkv, hd, length, cap = 6, 2, 32, 37, 64
+    q = torch.randn(1, nh, 1, hd, generator=g)
+    cache_k, cache_v = torch.randn(2, nkv, cap, hd, generator=g), torch.randn(2, nkv, cap, hd, generator=g)
+    k, v = cache_k[1:2, :, :length], cache_v[1:2, :, :length]  # strided views into a larger cache
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(1, 1, -1)
+    torch.testing.assert_close(kernels.attn_decode(q, k, v), want, atol=1e-5, rtol=1e-5)
