@@ -70,8 +70,9 @@ class LM:
 
 
 def load(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         max_batch: int = 8) -> LM:
+         max_batch: int = 8, progress: bool = False) -> LM:
     """Load a registry name (pulled on first use), a `.gguf` file or an HF-style directory."""
     from .registry import resolve
 
-    return LM(load_checkpoint(resolve(str(name_or_path)), device=device, dtype=dtype), max_batch=max_batch)
+    ck = load_checkpoint(resolve(str(name_or_path)), device=device, dtype=dtype, progress=progress)
+    return LM(ck, max_batch=max_batch)

@@ -63,7 +63,7 @@ def _sampling(args: argparse.Namespace) -> Any:
 def _load(args: argparse.Namespace) -> Any:
     from .api import load
 
-    return load(args.model, device=args.device)
+    return load(args.model, device=args.device, progress=sys.stderr.isatty())
 
 
 # -- commands ------------------------------------------------------------------------------------------

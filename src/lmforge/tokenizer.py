@@ -111,7 +111,6 @@ class Tokenizer:
         stops.update(extra_stop_ids)
         stops.discard(None)
         self.stop_token_ids: list[int] = sorted(stops)  # type: ignore[arg-type]
-        self.special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod

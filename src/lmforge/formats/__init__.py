@@ -47,7 +47,6 @@ class Checkpoint:
     path: Path
     format: str  # "gguf" | "hf"
     tensor_types: dict[str, int] = field(default_factory=dict)
-    metadata: dict[str, object] = field(default_factory=dict)
 
 
 def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]], device: torch.device,
@@ -120,8 +119,6 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
     tok = Tokenizer.from_gguf_metadata(g.meta)
     if packed is None:
         packed = dev.type == "cpu" and dt == torch.float32 and lib() is not None
-    use_packed = packed
-    model = build_model(cfg, g.state_dict(cfg, packed=use_packed), dev, dt, progress)
+    model = build_model(cfg, g.state_dict(cfg, packed=packed), dev, dt, progress)
     types = Counter(t.tensor_type.name for t in g.tensors.values())
-    meta = {k: v for k, v in g.meta.items() if not k.startswith("tokenizer.ggml.")}
-    return Checkpoint(model, tok, cfg, path, "gguf", dict(types), meta)
+    return Checkpoint(model, tok, cfg, path, "gguf", dict(types))
