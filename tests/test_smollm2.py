@@ -131,10 +131,11 @@ def test_digits_split_individually(lm) -> None:
     assert lm.tokenizer.encode(" 1 2  3") == [216, 33, 216, 34, 256, 35]
 
 
-@pytest.mark.parametrize("text", PARITY_STRINGS + DIGIT_STRINGS)
-def test_token_ids_match_llama_cpp(lm, llama_vocab, text: str) -> None:
-    expected = llama_vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    assert lm.tokenizer.encode(text) == expected
+def test_token_ids_match_llama_cpp(lm, llama_vocab) -> None:
+    """llama.cpp is the reference runtime for GGUF: every string, the digit cases included, must agree."""
+    for text in PARITY_STRINGS + DIGIT_STRINGS:
+        expected = llama_vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        assert lm.tokenizer.encode(text) == expected, text
 
 
 # -- 2. chat template ------------------------------------------------------------------------------
@@ -202,8 +203,18 @@ def test_logits_match_transformers(our_logits, hf_logits) -> None:
     assert torch.equal(our_logits.argmax(-1), hf_logits.argmax(-1))
 
 
-def test_kv_cache_prefill_and_decode_match_transformers(lm, prompt_ids, hf_logits) -> None:
+# One-token decode steps multiply with the file's packed codes. With fp32 activations they match the
+# reference as closely as prefill; with the default int16 activations (kernels.ACT16) logits move by up
+# to ~1e-2 (see docs/benchmarks.md), and the predicted token must not change.
+DECODE_ATOL = {False: LOGITS_ATOL, True: 2e-2}
+
+
+@pytest.mark.parametrize("act16", [False, True])
+def test_kv_cache_prefill_and_decode_match_transformers(lm, prompt_ids, hf_logits, act16, monkeypatch) -> None:
     """Prefill all but the last few tokens into a KV cache, then decode them one at a time."""
+    from lmforge.model import kernels
+
+    monkeypatch.setattr(kernels, "ACT16", act16)
     n0 = PROMPT_LEN - DECODE_STEPS
     cache = KVCache(lm.config, 1, 128, "cpu", torch.float32)
     with torch.inference_mode():
@@ -214,7 +225,8 @@ def test_kv_cache_prefill_and_decode_match_transformers(lm, prompt_ids, hf_logit
         for pos in range(n0, PROMPT_LEN):
             out = lm.model(torch.tensor([[prompt_ids[pos]]]), cache=cache, start_pos=[pos])[:, -1]
             err = (out[0] - hf_logits[pos]).abs().max().item()
-            assert err <= LOGITS_ATOL, f"decode at position {pos}: max abs logit difference {err:.2e}"
+            assert err <= DECODE_ATOL[act16], f"decode at position {pos}: max abs logit difference {err:.2e}"
+            assert int(out[0].argmax()) == int(hf_logits[pos].argmax())
 
 
 def test_engine_first_token_logprobs_match_transformers(lm, prompt_ids, hf_logits) -> None:
