@@ -320,3 +320,17 @@ def test_nonexistent_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "model.gguf"
     with pytest.raises(LMForgeError, match=r"no such file or directory: .*" + re.escape(str(missing))):
         load_checkpoint(missing, device="cpu", dtype=torch.float32)
+
+
+def test_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "iq.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    # IQ4_NL: blocks of 32 weights in 18 bytes, a type lmforge does not read.
+    w.add_tensor("token_embd.weight", np.zeros((4, 18), dtype=np.uint8), raw_dtype=GGMLQuantizationType.IQ4_NL)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(LMForgeError, match=r"unsupported GGUF tensor type IQ4_NL in token_embd\.weight"):
+        load_checkpoint(path)
