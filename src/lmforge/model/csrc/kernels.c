@@ -138,6 +138,16 @@ static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int6
         }
 }
 
+typedef struct { int16_t *xq; float *dx, *xsum; } Act16;
+
+static Act16 act16(const float *x, int64_t M, int64_t K) {
+    Act16 a = {malloc(sizeof(int16_t) * M * K), malloc(sizeof(float) * M * (K / 32)), malloc(sizeof(float) * M * (K / 32))};
+    quantize16(x, a.xq, a.dx, a.xsum, M, K);
+    return a;
+}
+
+static void act16_free(Act16 a) { free(a.xq); free(a.dx); free(a.xsum); }
+
 static inline float q4_dot16(const uint8_t *row, const float *sc, const float *ze, const int16_t *xq,
                              const float *dx, const float *xsum, int64_t G) {
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -175,28 +185,24 @@ static inline float q8_dot16(const int8_t *row, const float *sc, const int16_t *
 void q4_gemv16(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
                int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t G = K / 32;
-    int16_t *xq = malloc(sizeof(int16_t) * M * K);
-    float *dx = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
-    quantize16(x, xq, dx, xsum, M, K);
+    Act16 a = act16(x, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = q4_dot16(codes + n * (K / 2), scale + n * G, zero + n * G, xq + m * K, dx + m * G,
-                                    xsum + m * G, G);
-    free(xq); free(dx); free(xsum);
+            y[m * N + n] = q4_dot16(codes + n * (K / 2), scale + n * G, zero + n * G, a.xq + m * K, a.dx + m * G,
+                                    a.xsum + m * G, G);
+    act16_free(a);
 }
 
 void q8_gemv16(const float *x, const int8_t *codes, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
                int threads) {
     const int64_t G = K / 32;
-    int16_t *xq = malloc(sizeof(int16_t) * M * K);
-    float *dx = malloc(sizeof(float) * M * G), *xsum = malloc(sizeof(float) * M * G);
-    quantize16(x, xq, dx, xsum, M, K);
+    Act16 a = act16(x, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = q8_dot16(codes + n * K, scale + n * G, xq + m * K, dx + m * G, G);
-    free(xq); free(dx); free(xsum);
+            y[m * N + n] = q8_dot16(codes + n * K, scale + n * G, a.xq + m * K, a.dx + m * G, G);
+    act16_free(a);
 }
 
 /* -- small fused ops for the decode step -----------------------------------------------------------------
