@@ -159,3 +159,21 @@ def test_greedy_generation_matches_transformers(pair: Pair) -> None:
                         f"lmforge {s.output_ids[first:first + 5]} vs transformers {e[first:first + 5]}")
     # Guard against a degenerate model whose greedy output is one token repeated: the test would be weak.
     assert len({t for e in expected for t in e}) > 3
+
+
+def test_export_round_trip(pair: Pair, tmp_path: Path) -> None:
+    """save_hf writes what transformers loads into the same model, and lmforge reads it back."""
+    from lmforge.formats.export import save_hf
+
+    out = save_hf(pair.ours, tmp_path / "export")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+    reloaded = getattr(transformers, pair.variant.build).from_pretrained(out).float().eval()
+    ids, mask = _padded(pair.prompts)
+    with torch.no_grad():
+        want = pair.hf(ids, attention_mask=mask).logits
+        got = reloaded(ids, attention_mask=mask).logits
+        ours = load_checkpoint(out, device="cpu", dtype=torch.float32).model(ids, attn_mask=mask)
+    for i, p in enumerate(pair.prompts):
+        n = len(p)
+        assert (got[i, :n] - want[i, :n]).abs().max() <= 1e-5
+        assert (ours[i, :n] - want[i, :n]).abs().max() <= ATOL

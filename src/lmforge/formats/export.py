@@ -1,0 +1,137 @@
+"""Writing models as Hugging Face directories: config.json + model.safetensors + tokenizer files.
+
+The inverse of `formats.hf`: fused q/k/v and gate/up matrices are split back into the separate
+projections transformers expects, so `AutoModelForCausalLM.from_pretrained(dir)` gives the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import LMForgeError
+from ..model import ModelConfig, Transformer
+from ..tokenizer import CHATML_TEMPLATE, Tokenizer
+
+_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """ModelConfig -> a transformers config.json dict."""
+    if cfg.family == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_dim,
+            "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else cfg.activation,
+            "tie_word_embeddings": True, "torch_dtype": "float32",
+        }
+    if cfg.family not in ("llama", "qwen2"):
+        raise LMForgeError(f"cannot export a {cfg.family} model to an HF directory yet")
+    if cfg.family == "llama" and cfg.qkv_bias != cfg.out_bias:
+        raise LMForgeError("an HF Llama config has one attention_bias for q, k, v and o; this model differs")
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if cfg.family == "qwen2" else "LlamaForCausalLM"],
+        "model_type": cfg.family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": _HF_ACT[cfg.activation],
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+    }
+    if cfg.family == "llama":
+        out |= {"attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
+    return out
+
+
+def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our weights under transformers' names and layouts."""
+    cfg = model.cfg
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if cfg.family == "gpt2":
+        yield "transformer.wte.weight", sd["tok_emb.weight"]
+        yield "transformer.wpe.weight", sd["pos_emb.weight"]
+        for i in range(cfg.n_layers):
+            o, p = f"layers.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                yield p + f"{theirs}.weight", sd[o + f"{ours}.weight"]
+                yield p + f"{theirs}.bias", sd[o + f"{ours}.bias"]
+            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"),
+                                 ("mlp.fc", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+                yield p + f"{theirs}.weight", sd[o + f"{ours}.weight"].t()  # Conv1D: [in, out]
+                yield p + f"{theirs}.bias", sd[o + f"{ours}.bias"]
+        yield "transformer.ln_f.weight", sd["norm.weight"]
+        yield "transformer.ln_f.bias", sd["norm.bias"]
+        return
+    yield "model.embed_tokens.weight", sd["tok_emb.weight"]
+    split_qkv = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
+    for i in range(cfg.n_layers):
+        o, p = f"layers.{i}.", f"model.layers.{i}."
+        yield p + "input_layernorm.weight", sd[o + "attn_norm.weight"]
+        yield p + "post_attention_layernorm.weight", sd[o + "mlp_norm.weight"]
+        for name, part in zip("qkv", sd[o + "attn.qkv.weight"].split(split_qkv)):
+            yield p + f"self_attn.{name}_proj.weight", part
+        if cfg.qkv_bias:
+            for name, part in zip("qkv", sd[o + "attn.qkv.bias"].split(split_qkv)):
+                yield p + f"self_attn.{name}_proj.bias", part
+        yield p + "self_attn.o_proj.weight", sd[o + "attn.o.weight"]
+        if cfg.out_bias:
+            yield p + "self_attn.o_proj.bias", sd[o + "attn.o.bias"]
+        gate, up = sd[o + "mlp.gate_up.weight"].split(cfg.ffn_dim)
+        yield p + "mlp.gate_proj.weight", gate
+        yield p + "mlp.up_proj.weight", up
+        yield p + "mlp.down_proj.weight", sd[o + "mlp.down.weight"]
+        if cfg.mlp_bias:
+            gate_b, up_b = sd[o + "mlp.gate_up.bias"].split(cfg.ffn_dim)
+            yield p + "mlp.gate_proj.bias", gate_b
+            yield p + "mlp.up_proj.bias", up_b
+            yield p + "mlp.down_proj.bias", sd[o + "mlp.down.bias"]
+    yield "model.norm.weight", sd["norm.weight"]
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", sd["lm_head.weight"]
+
+
+def save_tokenizer(tok: Tokenizer, out: Path) -> None:
+    tok.hf.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+              "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+              # the template lmforge renders with, so the export chats the same way
+              "chat_template": tok.chat_template or CHATML_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None},
+                                                          indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | None = None,
+            dtype: torch.dtype = torch.float32) -> Path:
+    """Write an HF model directory atomically: a complete new directory replaces any old one."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {k: v.to("cpu", dtype).contiguous() for k, v in hf_tensors(model)}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+        if tokenizer is not None:
+            for key, token in (("bos_token_id", tokenizer.bos_token), ("eos_token_id", tokenizer.eos_token)):
+                if token is not None:
+                    config[key] = tokenizer.token_to_id(token)
+            save_tokenizer(tokenizer, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
