@@ -133,6 +133,73 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(_load(args), params, system=args.system, interactive=sys.stdin.isatty())
 
 
+def _baseline_tokenizer(name: str) -> Any:
+    """A registry model's tokenizer if it is already pulled (never downloads), else None."""
+    from .formats import load_tokenizer
+    from .registry import is_pulled, local_path
+
+    return load_tokenizer(local_path(name)) if is_pulled(name) else None
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .tokenizer import Tokenizer
+    from .train.tokenizer import bytes_per_token, train_bpe, train_char
+
+    if not args.char and args.vocab_size is None:
+        raise LMForgeError("--vocab-size is required (or pass --char for a character-level tokenizer)")
+    held: list[str] = []
+    start = time.perf_counter()
+    if args.char:
+        out = train_char(args.input, args.out, text_field=args.text_field, held_out=args.held_out,
+                         held_out_texts=held)
+    else:
+        out = train_bpe(args.input, args.vocab_size, args.out, text_field=args.text_field,
+                        progress=sys.stderr.isatty(), held_out=args.held_out, held_out_texts=held)
+    elapsed = time.perf_counter() - start
+    tok = Tokenizer.from_dir(out)
+    kind = "character-level" if args.char else "byte-level BPE"
+    print(f"wrote {kind} tokenizer to {out}")
+    note = "" if args.char or tok.vocab_size >= args.vocab_size else f" (asked for {args.vocab_size}; corpus too small)"
+    print(f"vocab size:     {tok.vocab_size}{note}")
+    print(f"training time:  {elapsed:.1f} s")
+    if not held:
+        print("bytes/token:    no held-out text (corpus too small, or --held-out 0)")
+        return 0
+    size = sum(len(t.encode("utf-8")) for t in held)
+    print(f"bytes/token on held-out text ({len(held)} documents, {size / 1024:.1f} KiB):")
+    print(f"  {'new tokenizer':<24} {bytes_per_token(tok, held):.2f}")
+    from .registry import DEFAULT_MODEL
+
+    try:
+        base = _baseline_tokenizer(DEFAULT_MODEL)
+    except LMForgeError as e:
+        print(f"  ({DEFAULT_MODEL}: cannot load its tokenizer: {e})")
+        return 0
+    if base is None:
+        print(f"  ({DEFAULT_MODEL} is not pulled; `lmforge pull {DEFAULT_MODEL}` to compare against it)")
+    else:
+        print(f"  {DEFAULT_MODEL:<24} {bytes_per_token(base, held):.2f}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .formats import load_tokenizer
+    from .registry import resolve
+    from .train.data import prepare
+
+    tok = load_tokenizer(resolve(args.tokenizer))
+    meta = prepare(args.input, tok, args.out, text_field=args.text_field, val_fraction=args.val_fraction,
+                   workers=args.workers, shard_tokens=args.shard_tokens, dtype=args.dtype,
+                   progress=sys.stderr.isatty())
+    print(f"wrote {args.out}: {meta['documents']} documents, {meta['characters']:,} characters in {meta['seconds']} s")
+    for split in ("train", "val"):
+        print(f"  {split:<5} {meta[split]['tokens']:>12,} tokens in {len(meta[split]['shards'])} shard(s), {meta['dtype']}")
+    print(f"  boundary token {meta['boundary_token']!r} (id {meta['boundary_token_id']}) starts every document")
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -175,6 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("tokenizer", help="train tokenizers")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE (or --char) tokenizer on text/JSONL files")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text or .jsonl[.gz] files, directories or glob patterns")
+    t.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (e.g. 32000)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    t.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    t.add_argument("--char", action="store_true", help="character-level instead of BPE (ignores --vocab-size)")
+    t.add_argument("--held-out", type=float, default=0.01, metavar="FRACTION",
+                   help="fraction of documents kept out of training to measure bytes/token (default 0.01)")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="prepare training data")
+    dsub = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    d = dsub.add_parser("prepare", help="tokenize a corpus into flat token shards (np.memmap-readable)")
+    d.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text or .jsonl[.gz] files, directories or glob patterns")
+    d.add_argument("--tokenizer", required=True,
+                   help="a tokenizer directory (tokenizer.json), a .gguf file or a registry model name")
+    d.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    d.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    d.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
+    d.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
+    d.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    d.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                   help="token dtype (auto: uint16 when the vocabulary fits)")
+    d.set_defaults(func=cmd_data_prepare)
     return parser
 
 

@@ -87,6 +87,18 @@ def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | Pa
     return model.eval()
 
 
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Just the tokenizer of a `.gguf` file or a directory with tokenizer.json (no weights read)."""
+    path = Path(path)
+    if path.is_dir():
+        return Tokenizer.from_dir(path)
+    if path.suffix.lower() == ".gguf":
+        from .gguf import GGUFFile
+
+        return Tokenizer.from_gguf_metadata(GGUFFile(path).meta)
+    raise LMForgeError(f"{path}: not a .gguf file or a directory with tokenizer.json")
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, packed: bool | None = None,
                     progress: bool = False) -> Checkpoint:

@@ -7,9 +7,6 @@ projections transformers expects, so `AutoModelForCausalLM.from_pretrained(dir)`
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import LMForgeError
+from ..fsutil import atomic_dir
 from ..model import ModelConfig, Transformer
 from ..tokenizer import CHATML_TEMPLATE, Tokenizer
 
@@ -111,10 +109,7 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | None = None,
             dtype: torch.dtype = torch.float32) -> Path:
     """Write an HF model directory atomically: a complete new directory replaces any old one."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tensors = {k: v.to("cpu", dtype).contiguous() for k, v in hf_tensors(model)}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
@@ -124,14 +119,4 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | None
                     config[key] = tokenizer.token_to_id(token)
             save_tokenizer(tokenizer, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir).expanduser()

@@ -1,0 +1,1 @@
+"""Training utilities (tokenizers for now)."""

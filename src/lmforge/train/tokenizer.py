@@ -1,0 +1,111 @@
+"""Train byte-level BPE (or character-level) tokenizers with HF `tokenizers` from text/JSONL corpora.
+
+The output directory loads with `transformers.AutoTokenizer`, `PreTrainedTokenizerFast` and
+`lmforge.tokenizer.Tokenizer.from_dir`, and it is written atomically: built next to the target and
+swapped in only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..errors import LMForgeError
+from ..fsutil import atomic_dir
+from ..tokenizer import CHATML_TEMPLATE, Tokenizer
+from .corpus import iter_texts
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]  # boundary first
+CHAR_UNK = "<unk>"  # char-level only: characters never seen in training
+GPT4_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+MODEL_MAX_LENGTH = 2048
+_MAX_HELD_OUT_CHARS = 8 << 20  # held-out text kept in memory for evaluation
+
+
+def _split_held_out(texts: Iterator[str], fraction: float, sink: list[str] | None) -> Iterator[str]:
+    """Yield the training documents; every k-th document (k = 1/fraction) goes to `sink` instead."""
+    if not 0 <= fraction <= 0.5:
+        raise LMForgeError(f"held-out fraction must be between 0 and 0.5, got {fraction}")
+    k = round(1 / fraction) if fraction else 0
+    kept = 0
+    for i, text in enumerate(texts):
+        if k and i % k == k - 1:
+            if sink is not None and kept < _MAX_HELD_OUT_CHARS:
+                sink.append(text)
+                kept += len(text)
+        else:
+            yield text
+
+
+# -- writing -------------------------------------------------------------------------------------------
+def _write_atomic(hf: HFTokenizer, out_dir: str | Path, unk_token: str | None = None) -> Path:
+    with atomic_dir(out_dir, marker="tokenizer.json") as tmp:
+        hf.save(str(tmp / "tokenizer.json"))
+        eos = SPECIAL_TOKENS[0]
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
+               "unk_token": unk_token, "model_max_length": MODEL_MAX_LENGTH,
+               "clean_up_tokenization_spaces": False, "chat_template": CHATML_TEMPLATE}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+        smap = {"bos_token": eos, "eos_token": eos, **({"unk_token": unk_token} if unk_token else {})}
+        (tmp / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n", encoding="utf-8")
+    return Path(out_dir).expanduser()
+
+
+def _special() -> list[AddedToken]:
+    return [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+
+
+# -- training ------------------------------------------------------------------------------------------
+def train_bpe(inputs: Iterable[str | Path], vocab_size: int, out_dir: str | Path, text_field: str = "text",
+              min_frequency: int = 2, progress: bool = True, held_out: float = 0.0,
+              held_out_texts: list[str] | None = None) -> Path:
+    """Train a GPT-4-style byte-level BPE tokenizer; returns the output directory.
+
+    With `held_out` > 0, every (1/held_out)-th document is left out of training (and appended to
+    `held_out_texts` when given, for evaluation).
+    """
+    floor = 256 + len(SPECIAL_TOKENS)
+    if vocab_size <= floor:
+        raise LMForgeError(f"vocab size {vocab_size} is too small: byte-level BPE needs more than {floor} "
+                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    texts = _split_held_out(iter_texts(inputs, text_field), held_out, held_out_texts)
+    hf = HFTokenizer(models.BPE(fuse_unk=False, byte_fallback=False))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT4_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=_special(),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    hf.train_from_iterator(texts, trainer)
+    return _write_atomic(hf, out_dir)
+
+
+def train_char(inputs: Iterable[str | Path], out_dir: str | Path, text_field: str = "text",
+               held_out: float = 0.0, held_out_texts: list[str] | None = None) -> Path:
+    """A character-level tokenizer: special tokens, `<unk>`, then one token per distinct character seen."""
+    chars: set[str] = set()
+    for text in _split_held_out(iter_texts(inputs, text_field), held_out, held_out_texts):
+        chars.update(text)
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, CHAR_UNK, *sorted(chars)])}
+    hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=CHAR_UNK))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens([*_special(), AddedToken(CHAR_UNK, special=True, normalized=False)])
+    return _write_atomic(hf, out_dir, unk_token=CHAR_UNK)
+
+
+def bytes_per_token(tok: Tokenizer, texts: list[str]) -> float:
+    """UTF-8 bytes per token over `texts` (no special tokens added): higher means better compression."""
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts, add_special_tokens=False))
+    if not n_tokens:
+        raise LMForgeError("no text to measure bytes per token on")
+    return sum(len(t.encode("utf-8")) for t in texts) / n_tokens
