@@ -106,17 +106,23 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
                                                           indent=2, ensure_ascii=False), encoding="utf-8")
 
 
+def write_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None = None,
+             dtype: torch.dtype = torch.float32) -> None:
+    """Write config.json, model.safetensors (and the tokenizer files) into an existing directory."""
+    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in hf_tensors(model)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    if tokenizer is not None:
+        for key, token in (("bos_token_id", tokenizer.bos_token), ("eos_token_id", tokenizer.eos_token)):
+            if token is not None:
+                config[key] = tokenizer.token_to_id(token)
+        save_tokenizer(tokenizer, out)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | None = None,
             dtype: torch.dtype = torch.float32) -> Path:
     """Write an HF model directory atomically: a complete new directory replaces any old one."""
     with atomic_dir(out_dir) as tmp:
-        tensors = {k: v.to("cpu", dtype).contiguous() for k, v in hf_tensors(model)}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-        if tokenizer is not None:
-            for key, token in (("bos_token_id", tokenizer.bos_token), ("eos_token_id", tokenizer.eos_token)):
-                if token is not None:
-                    config[key] = tokenizer.token_to_id(token)
-            save_tokenizer(tokenizer, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_hf(model, tmp, tokenizer, dtype)
     return Path(out_dir).expanduser()

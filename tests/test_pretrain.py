@@ -1,0 +1,77 @@
+"""The pretraining loop: the loss falls, checkpoints load everywhere, and resume is bit-exact on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import train_tokenizer
+
+from lmforge.errors import LMForgeError
+from lmforge.formats import load_checkpoint
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.data import prepare
+from lmforge.train.pretrain import TrainConfig, Trainer, learning_rate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODEL = {"dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "tie_embeddings": True}
+TEXT = "".join(f"The {c} fox {v} over the {a} dog number {i}.\n" for i, (c, v, a) in enumerate(
+    [("quick", "jumps", "lazy"), ("red", "leaps", "sleepy"), ("brown", "runs", "old")] * 40))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain")
+    lines = TEXT.splitlines()
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
+    tok = Tokenizer(train_tokenizer(), eos_token="<|endoftext|>")
+    prepare([root / "corpus.jsonl"], tok, root / "data", val_fraction=0.2, workers=1, progress=False)
+    return root / "data"
+
+
+def _cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model=MODEL, batch_size=4, block_size=16, max_iters=20, lr=3e-3,
+                min_lr=3e-4, warmup_iters=2, eval_interval=10, eval_iters=2, save_interval=10, device="cpu")
+    return TrainConfig(**(base | kw))
+
+
+def test_loss_falls_and_checkpoint_loads(data: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(data, tmp_path / "run", max_iters=60, save_interval=30), log=lambda s: None)
+    losses = trainer.fit()
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:5]) / 5
+    ckpts = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
+    assert ckpts == ["step_0000030", "step_0000060"]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 60 and '"val_loss"' in metrics[-1] and '"val_bpb"' in metrics[-1]
+    ck = load_checkpoint(tmp_path / "run" / "step_0000060", device="cpu", dtype=torch.float32)
+    x = torch.randint(0, trainer.model_cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ck.model(x), trainer.model(x), rtol=0, atol=1e-6)
+    assert ck.tokenizer is not None and ck.tokenizer.encode("The quick fox") == trainer.tokenizer.encode("The quick fox")
+
+
+def test_resume_is_bit_exact(data: Path, tmp_path: Path) -> None:
+    full = Trainer(_cfg(data, tmp_path / "full"), log=lambda s: None).fit()
+    first = Trainer(_cfg(data, tmp_path / "cut"), log=lambda s: None).fit(until=10)  # "interrupted" at 10
+    rest = Trainer(_cfg(data, tmp_path / "cut"), resume=True, log=lambda s: None).fit()
+    assert first + rest == full  # exact float equality at every step
+
+
+def test_bad_inputs(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(LMForgeError, match="not divisible by n_heads"):
+        Trainer(_cfg(data, tmp_path / "a", model=MODEL | {"n_heads": 3}))
+    with pytest.raises(LMForgeError, match="not a prepared data directory"):
+        Trainer(_cfg(tmp_path, tmp_path / "b"))
+    with pytest.raises(LMForgeError, match="nothing to resume"):
+        Trainer(_cfg(data, tmp_path / "c"), resume=True)
+    Trainer(_cfg(data, tmp_path / "d", max_iters=10), log=lambda s: None).fit()
+    with pytest.raises(LMForgeError, match="model config differs"):
+        Trainer(_cfg(data, tmp_path / "d", model=MODEL | {"ffn_dim": 96}), resume=True)
+    (tmp_path / "d" / "step_0000010" / "trainer.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LMForgeError, match="cannot read trainer state"):
+        Trainer(_cfg(data, tmp_path / "d"), resume=True)
+    assert learning_rate(_cfg(data, tmp_path, warmup_iters=0), 0) == pytest.approx(3e-3)
