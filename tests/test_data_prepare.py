@@ -91,3 +91,14 @@ def test_bad_inputs(tmp_path: Path, tok: Tokenizer) -> None:
     with pytest.raises(LMForgeError, match="refusing to replace it"):
         prepare([tmp_path / "c.txt"], tok, precious, workers=1, progress=False)
     assert (precious / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_single_small_file_still_gets_a_val_split(tmp_path: Path, tok: Tokenizer) -> None:
+    (tmp_path / "one.txt").write_text("".join(DOCS), encoding="utf-8")
+    meta = prepare([tmp_path / "one.txt"], tok, tmp_path / "d", val_fraction=0.1, workers=1, progress=False)
+    train, val = load_split(tmp_path / "d", "train"), load_split(tmp_path / "d", "val")
+    b = meta["boundary_token_id"]
+    assert val[0] == b and train[0] == b
+    assert 0.08 < (len(val) - 1) / (len(train) + len(val) - 1) < 0.12
+    # the two splits are the whole file, cut once
+    assert tok.decode(np.concatenate([train[1:], val[1:]]).tolist()) == "".join(DOCS)

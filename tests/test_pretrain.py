@@ -75,3 +75,24 @@ def test_bad_inputs(data: Path, tmp_path: Path) -> None:
     with pytest.raises(LMForgeError, match="cannot read trainer state"):
         Trainer(_cfg(data, tmp_path / "d"), resume=True)
     assert learning_rate(_cfg(data, tmp_path, warmup_iters=0), 0) == pytest.approx(3e-3)
+
+
+def test_cli_preset_train_resume_and_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+
+    corpus = tmp_path / "shakespeare.txt"
+    corpus.write_text(TEXT * 3, encoding="utf-8")
+    small = ["--set", "model.dim=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+             "--set", "model.ffn_dim=64", "--set", "eval_iters=2", "--set", "eval_interval=4",
+             "--set", "save_interval=4", "--set", "block_size=16", "--device", "cpu"]
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "shakespeare-char", "--data", str(corpus), "--out", str(out),
+                 "--set", "max_iters=4", *small]) == 0
+    assert "val_loss" in capsys.readouterr().out
+    assert main(["train", "--preset", "shakespeare-char", "--out", str(out), "--resume",
+                 "--set", "max_iters=8", *small]) == 0
+    assert (out / "step_0000008" / "model.safetensors").exists()
+    assert main(["generate", str(out / "step_0000008"), "The", "--max-tokens", "5", "--seed", "1"]) == 0
+    assert main(["train", "--preset", "shakespeare-char", "--out", str(out), "--set", "bogus=1",
+                 "--data", str(out / "data")]) == 1
+    assert "unknown training settings: bogus" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -200,6 +201,78 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    import tomllib
+
+    from .train.presets import PRESETS
+    from .train.pretrain import TrainConfig, Trainer
+
+    recipe: dict[str, Any] = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise LMForgeError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
+        recipe = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.config:
+        try:
+            recipe |= tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise LMForgeError(f"{args.config}: cannot read config ({e})") from None
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LMForgeError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        if key.startswith("model."):
+            recipe.setdefault("model", {})[key.removeprefix("model.")] = parsed
+        else:
+            recipe[key] = parsed
+    out = Path(args.out)
+    data_dir = Path(args.data) if args.data and (Path(args.data) / "metadata.json").exists() else None
+    if data_dir is None and not args.resume:
+        if not args.data:
+            raise LMForgeError("--data is required: a text/JSONL corpus or a `lmforge data prepare` directory")
+        data_dir = _prepare_corpus(args.data, recipe, out)
+    elif data_dir is None:
+        data_dir = out / "data"
+    unknown = sorted(k for k in recipe if k not in fields and k not in ("tokenizer", "vocab_size", "val_fraction"))
+    if unknown:
+        raise LMForgeError(f"unknown training settings: {', '.join(unknown)}")
+    settings = {k: (tuple(v) if k == "betas" else v) for k, v in recipe.items() if k in fields}
+    cfg = TrainConfig(**(settings | {"data": str(data_dir), "out": str(out), "device": args.device}))
+    trainer = Trainer(cfg, resume=args.resume, log=lambda s: print(s, file=sys.stderr))
+    n = sum(p.numel() for p in trainer.model.parameters())
+    print(f"training {n / 1e6:.2f}M parameters on {trainer.meta['train']['tokens']:,} tokens -> {out}",
+          file=sys.stderr)
+    trainer.fit()
+    final = trainer.evaluate()
+    print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    print(f"checkpoint: {sorted(out.glob('step_*'))[-1]}")
+    return 0
+
+
+def _prepare_corpus(corpus: str, recipe: dict[str, Any], out: Any) -> Any:
+    """Train the recipe's tokenizer on a raw corpus and tokenize it into OUT/data."""
+    from .tokenizer import Tokenizer
+    from .train.data import prepare
+    from .train.tokenizer import train_bpe, train_char
+
+    if recipe.get("tokenizer", "bpe") == "char":
+        tok_dir = train_char([corpus], out / "tokenizer")
+    else:
+        tok_dir = train_bpe([corpus], int(recipe.get("vocab_size", 8192)), out / "tokenizer",
+                            progress=sys.stderr.isatty())
+    prepare([corpus], Tokenizer.from_dir(tok_dir), out / "data", val_fraction=float(recipe.get("val_fraction", 0.1)),
+            progress=sys.stderr.isatty())
+    return out / "data"
+
+
 # -- entry point -----------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -271,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
                    help="token dtype (auto: uint16 when the vocabulary fits)")
     d.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="pretrain a model from scratch")
+    p.add_argument("--preset", default=None, help="a named recipe (shakespeare-char, tinystories-bpe)")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="settings (override the preset)")
+    p.add_argument("--data", default=None,
+                   help="a text/JSONL corpus (tokenized into OUT/data) or a `lmforge data prepare` directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory: checkpoints and metrics.jsonl")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set max_iters=500 --set model.n_layers=2 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -25,6 +25,8 @@ _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "re
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> a transformers config.json dict."""
     if cfg.family == "gpt2":
+        if not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias and cfg.norm == "layernorm" and cfg.tie_embeddings):
+            raise LMForgeError("an HF GPT-2 has biases, LayerNorm and tied embeddings; this model differs")
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_dim,

@@ -155,6 +155,8 @@ def prepare(inputs: Iterable[str | Path], tokenizer: Tokenizer, out_dir: str | P
             for w in writers.values():
                 w.close()
             bar.close()
+        if k and not writers["val"].tokens and writers["train"].tokens > 1:
+            _carve_val(tmp, writers, int(writers["train"].tokens * val_fraction), boundary_id)
         tokenizer.hf.save(str(tmp / "tokenizer.json"))
         meta_out = {
             "tokenizer": "tokenizer.json", "vocab_size": vocab, "dtype": dtype,
@@ -165,6 +167,23 @@ def prepare(inputs: Iterable[str | Path], tokenizer: Tokenizer, out_dir: str | P
         }
         (tmp / "metadata.json").write_text(json.dumps(meta_out), encoding="utf-8")
     return meta_out
+
+
+def _carve_val(out: Path, writers: dict[str, _ShardWriter], n: int, boundary_id: int) -> None:
+    """Too few pieces for a document-level split (e.g. one small text file): move the tail of the
+    train tokens to the validation split instead, as a contiguous held-out stretch."""
+    train, val = writers["train"], writers["val"]
+    last = train.shards[-1]
+    path = out / last["file"]
+    n = max(1, min(n, last["tokens"] - 1))
+    keep = last["tokens"] - n
+    tail = np.array(np.memmap(path, dtype=train.dtype, mode="r")[keep:])
+    with open(path, "r+b") as f:
+        f.truncate(keep * train.dtype.itemsize)
+    last["tokens"] = keep
+    train.tokens -= n
+    val.write(np.concatenate([[boundary_id], tail]).astype(np.int64))
+    val.close()
 
 
 def load_split(data_dir: str | Path, split: str = "train") -> np.ndarray:
