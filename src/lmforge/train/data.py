@@ -102,7 +102,7 @@ def prepare(inputs: Iterable[str | Path], tokenizer: Tokenizer, out_dir: str | P
     k = round(1 / val_fraction) if val_fraction else 0
     workers = workers or max(1, (os.cpu_count() or 1))
     start = time.time()
-    n_docs = n_chars = 0
+    n_docs = n_chars = n_bytes = 0
     bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
 
     def batches() -> Iterator[tuple[list[str], list[tuple[bool, str]]]]:
@@ -126,12 +126,13 @@ def prepare(inputs: Iterable[str | Path], tokenizer: Tokenizer, out_dir: str | P
             yield texts, meta
 
     def emit(ids_list: list[list[int]], meta: list[tuple[bool, str]], texts: list[str]) -> None:
-        nonlocal n_chars
+        nonlocal n_chars, n_bytes
         for ids, (starts, split), text in zip(ids_list, meta, texts):
             arr = np.asarray(([boundary_id] if starts else []) + ids, dtype=np.int64)
             writers[split].write(arr)
-            n_chars += len(text)
-            bar.update(len(text.encode("utf-8")))
+            size = len(text.encode("utf-8"))
+            n_chars, n_bytes = n_chars + len(text), n_bytes + size
+            bar.update(size)
 
     with atomic_dir(out_dir, marker="metadata.json") as tmp:
         writers = {s: _ShardWriter(tmp, s, np.dtype(dtype), shard_tokens) for s in ("train", "val")}
@@ -161,7 +162,7 @@ def prepare(inputs: Iterable[str | Path], tokenizer: Tokenizer, out_dir: str | P
         meta_out = {
             "tokenizer": "tokenizer.json", "vocab_size": vocab, "dtype": dtype,
             "boundary_token": boundary, "boundary_token_id": boundary_id, "documents": n_docs,
-            "characters": n_chars, "text_field": text_field, "val_fraction": val_fraction,
+            "characters": n_chars, "bytes": n_bytes, "text_field": text_field, "val_fraction": val_fraction,
             "seconds": round(time.time() - start, 2),
             **{s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()},
         }

@@ -182,9 +182,9 @@ class Trainer:
         self.model.train()
         loss = float(np.mean(losses))
         out = {"val_loss": loss}
-        chars, tokens = self.meta.get("characters"), self.meta["train"]["tokens"] + self.meta["val"]["tokens"]
-        if chars and tokens:  # nats/token -> bits/byte, with the corpus's tokens per character
-            out["val_bpb"] = loss / math.log(2) * tokens / chars
+        n_bytes, tokens = self.meta.get("bytes"), self.meta["train"]["tokens"] + self.meta["val"]["tokens"]
+        if n_bytes and tokens:  # nats/token -> bits/byte, with the corpus's average tokens per byte
+            out["val_bpb"] = loss / math.log(2) * tokens / n_bytes
         return out
 
     def fit(self, until: int | None = None) -> list[float]:
