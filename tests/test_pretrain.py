@@ -96,3 +96,31 @@ def test_cli_preset_train_resume_and_generate(tmp_path: Path, capsys: pytest.Cap
     assert main(["train", "--preset", "shakespeare-char", "--out", str(out), "--set", "bogus=1",
                  "--data", str(out / "data")]) == 1
     assert "unknown training settings: bogus" in capsys.readouterr().err
+
+
+def test_sigint_saves_a_checkpoint(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT * 3, encoding="utf-8")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmforge.cli", "train", "--preset", "shakespeare-char", "--data", str(corpus),
+           "--out", str(out), "--device", "cpu", "--set", "max_iters=100000", "--set", "save_interval=100000",
+           "--set", "model.dim=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+           "--set", "model.ffn_dim=64", "--set", "block_size=16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    saved = sorted(out.glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "trainer.pt").exists() and (saved[0] / "model.safetensors").exists()
+    assert int(saved[0].name.removeprefix("step_")) >= 3
+    assert f"saved {saved[0]}" in err

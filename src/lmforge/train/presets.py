@@ -7,7 +7,7 @@ from typing import Any
 PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's CPU "baby GPT" on Shakespeare, character level.
     "shakespeare-char": {
-        "tokenizer": "char", "val_fraction": 0.1,
+        "tokenizer": "char", "val_fraction": 0.1, "default_data": "shakespeare",  # a registry dataset
         "model": {"family": "gpt2", "dim": 128, "n_layers": 4, "n_heads": 4, "ffn_dim": 512, "norm": "layernorm",
                   "mlp": "gelu", "activation": "gelu_tanh", "position": "learned", "tie_embeddings": True,
                   "qkv_bias": True, "out_bias": True, "mlp_bias": True},

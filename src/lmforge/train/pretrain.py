@@ -198,7 +198,22 @@ class Trainer:
                    disable=None)
         tokens_per_step = self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
         t0 = time.time()
-        while self.step < min(self.cfg.max_iters, until or self.cfg.max_iters):
+        stop: list[int] = []
+        handlers = _on_signals(lambda signum, frame: stop.append(signum))
+        try:
+            self._loop(bar, losses, tokens_per_step, t0, stop, until)
+        finally:
+            _restore_signals(handlers)
+            bar.close()
+        if stop:  # interrupted: the step just finished is saved, then the signal's usual effect follows
+            path = self.save()
+            self.log(f"stopped at step {self.step}; saved {path} (continue with --resume)")
+            raise KeyboardInterrupt
+        return losses
+
+    def _loop(self, bar: Any, losses: list[float], tokens_per_step: int, t0: float, stop: list[int],
+              until: int | None) -> None:
+        while self.step < min(self.cfg.max_iters, until or self.cfg.max_iters) and not stop:
             lr = learning_rate(self.cfg, self.step)
             for g in self.opt.param_groups:
                 g["lr"] = lr
@@ -224,5 +239,20 @@ class Trainer:
             bar.update(1)
             if self.step % self.cfg.save_interval == 0 or self.step == self.cfg.max_iters:
                 self.save()
-        bar.close()
-        return losses
+
+
+def _on_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Route SIGINT/SIGTERM to `handler` (main thread only); returns the previous handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    import signal
+
+    for s, h in previous.items():
+        signal.signal(s, h)
