@@ -78,6 +78,26 @@ def learning_rate(cfg: TrainConfig, it: int) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
 
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per weight plus attention's 12 * L * T * d."""
+    return 6 * n_params + 12 * cfg.n_layers * cfg.context_length * cfg.q_dim
+
+
+def matmul_peak(device: torch.device, n: int = 1024, reps: int = 5) -> float:
+    """Measured fp32 (CPU) or bf16 (GPU) matmul FLOP/s: the denominator of MFU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norms, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,6 +217,8 @@ class Trainer:
         bar = tqdm(total=self.cfg.max_iters, initial=self.step, desc="training", unit="step", leave=False,
                    disable=None)
         tokens_per_step = self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
+        self.peak = matmul_peak(self.device)
+        self.flops_per_token = flops_per_token(self.model_cfg, sum(p.numel() for p in self.model.parameters()))
         t0 = time.time()
         stop: list[int] = []
         handlers = _on_signals(lambda signum, frame: stop.append(signum))
@@ -228,14 +250,15 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
             losses.append(total)
-            record: dict[str, Any] = {"step": self.step, "loss": total, "lr": lr,
-                                      "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9)}
+            tok_s = tokens_per_step / max(time.time() - t0, 1e-9)
+            record: dict[str, Any] = {"step": self.step, "loss": total, "lr": lr, "tokens_per_s": tok_s,
+                                      "mfu": tok_s * self.flops_per_token / self.peak}
             t0 = time.time()
             if self.step % self.cfg.eval_interval == 0 or self.step == self.cfg.max_iters:
                 record |= self.evaluate()
             with self.metrics.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
             bar.update(1)
             if self.step % self.cfg.save_interval == 0 or self.step == self.cfg.max_iters:
                 self.save()
