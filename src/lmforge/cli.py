@@ -40,6 +40,13 @@ def _add_model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def _add_corpus_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text or .jsonl[.gz] files, directories or glob patterns")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+
+
 def _sampling(args: argparse.Namespace) -> Any:
     from .engine import SamplingParams
 
@@ -325,11 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train tokenizers")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE (or --char) tokenizer on text/JSONL files")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="text or .jsonl[.gz] files, directories or glob patterns")
+    _add_corpus_opts(t)
     t.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (e.g. 32000)")
-    t.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    t.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     t.add_argument("--char", action="store_true", help="character-level instead of BPE (ignores --vocab-size)")
     t.add_argument("--held-out", type=float, default=0.01, metavar="FRACTION",
                    help="fraction of documents kept out of training to measure bytes/token (default 0.01)")
@@ -338,12 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="prepare training data")
     dsub = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     d = dsub.add_parser("prepare", help="tokenize a corpus into flat token shards (np.memmap-readable)")
-    d.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="text or .jsonl[.gz] files, directories or glob patterns")
+    _add_corpus_opts(d)
     d.add_argument("--tokenizer", required=True,
                    help="a tokenizer directory (tokenizer.json), a .gguf file or a registry model name")
-    d.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    d.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     d.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
     d.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
     d.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
