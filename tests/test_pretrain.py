@@ -124,3 +124,14 @@ def test_sigint_saves_a_checkpoint(tmp_path: Path) -> None:
     assert len(saved) == 1 and (saved[0] / "trainer.pt").exists() and (saved[0] / "model.safetensors").exists()
     assert int(saved[0].name.removeprefix("step_")) >= 3
     assert f"saved {saved[0]}" in err
+
+
+def test_plot_writes_a_png(data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from lmforge.cli import main
+
+    Trainer(_cfg(data, tmp_path / "run", max_iters=10, eval_interval=5), log=lambda s: None).fit()
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert main(["plot", str(tmp_path)]) == 1  # not a run directory

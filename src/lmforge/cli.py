@@ -270,6 +270,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def _prepare_corpus(corpus: str, recipe: dict[str, Any], out: Any) -> Any:
     """Train the recipe's tokenizer on a raw corpus and tokenize it into OUT/data."""
     from .tokenizer import Tokenizer
@@ -363,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="draw a training run's loss curves as a PNG")
+    p.add_argument("run_dir", help="a `lmforge train` run directory (with metrics.jsonl)")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/loss.png)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
