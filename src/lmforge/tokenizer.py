@@ -89,6 +89,16 @@ def _compile_template(template: str) -> Any:
         raise LMForgeError(f"invalid chat template: {e.message} (line {e.lineno})") from None
 
 
+def read_chat_template(path: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """An HF directory's chat template: chat_template.jinja, else tokenizer_config.json's entry."""
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
 class Tokenizer:
     """An HF `tokenizers` object plus the special tokens and chat template a model ships with."""
 
@@ -127,11 +137,7 @@ class Tokenizer:
         cfg: dict[str, Any] = {}
         if (path / "tokenizer_config.json").exists():
             cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        template = cfg.get("chat_template")
-        if (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        if isinstance(template, list):  # named templates: take the default
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = read_chat_template(path, cfg)
         extra: list[int] = []
         if (path / "generation_config.json").exists():
             eos = json.loads((path / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")

@@ -57,12 +57,10 @@ def _describe_hf(path: Path) -> dict[str, Any]:
                     types[sl.get_dtype()] += 1
         except Exception as e:  # safetensors raises its own error type for damaged headers
             raise LMForgeError(f"{f}: not a valid safetensors file ({e})") from None
-    template = None
+    from ..tokenizer import read_chat_template
+
     tc = path / "tokenizer_config.json"
-    if (path / "chat_template.jinja").exists():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    elif tc.exists():
-        template = read_json(tc).get("chat_template")
+    template = read_chat_template(path, read_json(tc) if tc.exists() else {})
     return _common(path, "hf", cfg, n, types) | {"name": path.name, "chat template": template}
 
 
