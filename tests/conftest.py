@@ -31,3 +31,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """Path to the real all-MiniLM-L6-v2 sentence embedder, pulled once into the persistent cache."""
+    from lmforge import registry
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMFORGE_HOME", _PERSISTENT_HOME)
+        path = registry.resolve("all-minilm-l6-v2", quiet=True)
+    return path.resolve()

@@ -183,3 +183,44 @@ class ScriptedModel(torch.nn.Module):
         if last_index is not None:
             return out[torch.arange(b), last_index]
         return out
+
+
+# -- BERT --------------------------------------------------------------------------------------------
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def bert_tokenizer(words: list[str]) -> HFTokenizer:
+    """A BERT-style WordPiece tokenizer (lower-casing normaliser, [CLS] ... [SEP]) over whole words."""
+    from tokenizers import normalizers
+
+    vocab = {t: i for i, t in enumerate(BERT_SPECIAL)}
+    for w in sorted({w.lower() for w in words} | set("abcdefghijklmnopqrstuvwxyz.,!?'")):
+        vocab.setdefault(w, len(vocab))
+    tok = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def make_tiny_bert_dir(tmp: Path, words: list[str], seed: int = 0, layers: int = 2, std: float = 0.15) -> Path:
+    """A tiny random BertModel HF directory (with pooler) and a WordPiece tokenizer over ``words``."""
+    import transformers
+
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = bert_tokenizer(words)
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=layers,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                  type_vocab_size=2, pad_token_id=0)
+    model = transformers.BertModel(cfg).float().eval()
+    randomize(model, seed, std=std)
+    model.save_pretrained(tmp)
+    tok.save(str(tmp / "tokenizer.json"))
+    tc = {"tokenizer_class": "BertTokenizerFast", "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+          "sep_token": "[SEP]", "mask_token": "[MASK]", "model_max_length": 64}
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2), encoding="utf-8")
+    return tmp

@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .embeddings import Pooling, embed, read_pooling
 from .engine import Engine, SamplingParams, Sequence
 from .errors import LMForgeError
 from .formats import Checkpoint, load_checkpoint
@@ -26,6 +28,7 @@ class LM:
         self.config: ModelConfig = ck.config
         self.path: Path = ck.path
         self.engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch)
+        self._pooling: Pooling | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -36,6 +39,23 @@ class LM:
     @property
     def context_length(self) -> int:
         return self.engine.context
+
+    @property
+    def is_encoder(self) -> bool:
+        """Bidirectional (BERT-style) models embed and classify; they cannot generate."""
+        return not self.config.causal
+
+    @property
+    def pooling(self) -> Pooling:
+        """How `embed` turns hidden states into one vector (from sentence-transformers files, else mean)."""
+        if self._pooling is None:
+            self._pooling = read_pooling(self.path)
+        return self._pooling
+
+    def embed(self, texts: str | list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Embed texts -> float32 array [n, dim] (a str gives one row); pooled as the model is configured."""
+        return embed(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts), self.pooling,
+                     batch_size=batch_size, progress=progress)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)

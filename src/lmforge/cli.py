@@ -141,6 +141,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(_load(args), params, system=args.system, interactive=sys.stdin.isatty())
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .api import load
+    from .serve import ServerConfig, model_name_for, serve
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise LMForgeError("--max-batch must be at least 1 and --max-queue at least 0")
+    if args.ctx is not None and args.ctx < 2:
+        raise LMForgeError(f"--ctx must be at least 2, got {args.ctx}")
+    if not 0 <= args.port <= 65535:
+        raise LMForgeError(f"--port must be between 0 and 65535, got {args.port}")
+    keys = list(args.api_key) or [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
+    lm = load(args.model, device=args.device, max_batch=1, progress=sys.stderr.isatty())
+    cfg = ServerConfig(model_name=model_name_for(args.model), api_keys=keys, max_batch=args.max_batch,
+                       max_queue=args.max_queue, ctx=args.ctx)
+    print(f"serving {cfg.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1)",
+          file=sys.stderr)
+    serve(lm, cfg, host=args.host, port=args.port)
+    return 0
+
+
 def _baseline_tokenizer(name: str) -> Any:
     """A registry model's tokenizer if it is already pulled (never downloads), else None."""
     from .formats import load_tokenizer
@@ -210,12 +230,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
+    import tomllib
     from pathlib import Path
 
-    import tomllib
+    from tqdm import tqdm
 
     from .train.presets import PRESETS
-    from .train.pretrain import TrainConfig, Trainer
+    from .train.pretrain import TrainConfig, Trainer, barrier, setup_distributed
 
     recipe: dict[str, Any] = {}
     if args.preset:
@@ -241,16 +262,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             recipe[key] = parsed
     out = Path(args.out)
+    # Under torchrun, rank 0 alone fetches and tokenizes a raw corpus while the others wait for it.
+    dist_info, _ = setup_distributed(args.device)
     data_dir = Path(args.data) if args.data and (Path(args.data) / "metadata.json").exists() else None
     if data_dir is None and not args.resume:
-        corpus = args.data
-        if not corpus and recipe.get("default_data"):
-            from .registry import fetch_dataset
+        if dist_info.main:
+            corpus = args.data
+            if not corpus and recipe.get("default_data"):
+                from .registry import fetch_dataset
 
-            corpus = str(fetch_dataset(recipe["default_data"]))
-        if not corpus:
-            raise LMForgeError("--data is required: a text/JSONL corpus or a `lmforge data prepare` directory")
-        data_dir = _prepare_corpus(corpus, recipe, out)
+                corpus = str(fetch_dataset(recipe["default_data"]))
+            if not corpus:
+                raise LMForgeError("--data is required: a text/JSONL corpus or a `lmforge data prepare` directory")
+            _prepare_corpus(corpus, recipe, out)
+        barrier()
+        data_dir = out / "data"
     elif data_dir is None:
         data_dir = out / "data"
     recipe_only = ("tokenizer", "vocab_size", "val_fraction", "default_data")
@@ -258,15 +284,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if unknown:
         raise LMForgeError(f"unknown training settings: {', '.join(unknown)}")
     settings = {k: (tuple(v) if k == "betas" else v) for k, v in recipe.items() if k in fields}
+    if args.fsdp:
+        settings["fsdp"] = True
+    if args.objective:
+        settings["objective"] = args.objective
     cfg = TrainConfig(**(settings | {"data": str(data_dir), "out": str(out), "device": args.device}))
-    trainer = Trainer(cfg, resume=args.resume, log=lambda s: print(s, file=sys.stderr))
-    n = sum(p.numel() for p in trainer.model.parameters())
-    print(f"training {n / 1e6:.2f}M parameters on {trainer.meta['train']['tokens']:,} tokens -> {out}",
-          file=sys.stderr)
-    trainer.fit()
-    final = trainer.evaluate()
-    print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    print(f"checkpoint: {sorted(out.glob('step_*'))[-1]}")
+    trainer = Trainer(cfg, resume=args.resume, log=lambda s: tqdm.write(s, file=sys.stderr))
+    try:
+        n = sum(p.numel() for p in trainer.model.parameters())
+        world = trainer.dist.world
+        mode = f" on {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""
+        trainer.log(f"training {n / 1e6:.2f}M parameters on {trainer.meta['train']['tokens']:,} tokens{mode}, "
+                    f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * world:,} tokens per step -> {out}")
+        trainer.fit()
+        final = trainer.evaluate()
+        if trainer.dist.main:
+            print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            print(f"checkpoint: {sorted(out.glob('step_*'))[-1]}")
+    finally:
+        trainer.close()
     return 0
 
 
@@ -291,6 +327,122 @@ def _prepare_corpus(corpus: str, recipe: dict[str, Any], out: Any) -> Any:
     prepare([corpus], Tokenizer.from_dir(tok_dir), out / "data", val_fraction=float(recipe.get("val_fraction", 0.1)),
             progress=sys.stderr.isatty())
     return out / "data"
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    """Texts from the command line and/or --input files (JSONL records' --text-field, or text paragraphs)."""
+    from .train.corpus import iter_texts
+
+    texts = list(args.texts)
+    if args.input:
+        texts += [t.strip() for t in iter_texts(args.input, args.text_field)]
+    if not texts:
+        raise LMForgeError("no texts: pass them as arguments or with --input FILE.jsonl")
+    return texts
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .embeddings import kmeans, plot_embeddings
+    from .fsutil import atomic_file
+
+    texts = _texts(args)
+    if args.clusters is not None and args.clusters < 1:
+        raise LMForgeError(f"--clusters must be at least 1, got {args.clusters}")
+    lm = _load(args)
+    vecs = lm.embed(texts, batch_size=args.batch_size, progress=bool(args.input) or sys.stderr.isatty())
+    labels = kmeans(vecs, args.clusters)[0] if args.clusters else None
+    if args.out:
+        with atomic_file(args.out) as tmp, open(tmp, "wb") as f:
+            np.save(f, vecs)
+        print(f"wrote {vecs.shape[0]} x {vecs.shape[1]} embeddings to {args.out}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot_embeddings(vecs, texts, args.plot, labels)}", file=sys.stderr)
+    if labels is not None:
+        for c, t in zip(labels, texts):
+            print(f"{c}\t{t}")
+    elif not (args.out or args.plot):
+        for t, v in zip(texts, vecs):
+            print(json.dumps({"text": t, "embedding": [round(float(x), 7) for x in v]}))
+    return 0
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from .embeddings import cosine_matrix
+
+    texts = _texts(args)
+    if len(texts) < 2:
+        raise LMForgeError("similarity needs at least two texts")
+    sim = cosine_matrix(_load(args).embed(texts, batch_size=args.batch_size))
+    if len(texts) == 2:
+        print(f"{sim[0, 1]:.4f}")
+        return 0
+    print("\t".join(["", *(str(i + 1) for i in range(len(texts)))]))
+    for i, t in enumerate(texts):
+        print("\t".join([str(i + 1), *(f"{x:.4f}" for x in sim[i])]) + f"\t{t[:60]}")
+    return 0
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> int:
+    from .train.classify import ClassifyConfig, finetune_classifier
+
+    cfg = ClassifyConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                         max_train=args.max_train, max_eval=args.max_eval, seed=args.seed, pooling=args.pooling)
+    report = finetune_classifier(args.model, args.train, args.eval, args.out, text_field=args.text_field,
+                                 label_field=args.label_field, cfg=cfg, device=args.device,
+                                 log=lambda s: print(s, file=sys.stderr), progress=sys.stderr.isatty())
+    print(f"trained on {report['examples']} examples in {report['steps']} steps, {report['train_seconds']} s")
+    if "eval" in report:
+        e = report["eval"]
+        f1 = f", F1 {e['f1']:.4f}" if "f1" in e else ""
+        print(f"eval: accuracy {e['accuracy']:.4f}{f1}, macro-F1 {e['f1_macro']:.4f} on {e['examples']} examples")
+    print(f"wrote {args.out} (total {report['seconds']} s)")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .train.classify import Classifier
+
+    texts = _texts(args)
+    clf = Classifier(args.model, device=args.device)
+    for t, p in zip(texts, clf.probabilities(texts)):
+        best = int(p.argmax())
+        print(f"{clf.labels[best]}\t{p[best]:.4f}\t{t}")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from .retrieval import build_index
+
+    info = build_index(args.docs, args.out, embed_model=args.embed_model, chunk_words=args.chunk_words,
+                       overlap_words=args.overlap, device=args.device, progress=sys.stderr.isatty())
+    print(f"indexed {info['chunks']} chunks from {info['files']} files with {info['embed_model']} -> {args.out}")
+    return 0
+
+
+def cmd_index_search(args: argparse.Namespace) -> int:
+    from .retrieval import Index
+
+    index = Index.load(args.index, embed_model=args.embed_model, device=args.device)
+    for rank, hit in enumerate(index.search(args.query, k=args.k), 1):
+        text = " ".join(hit.text.split())
+        print(f"{rank}. {hit.score:.4f}  {hit.source}:{hit.line}\n   {text[:300]}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .api import load
+    from .retrieval import Index, answer
+
+    index = Index.load(args.index, embed_model=args.embed_model, device=args.device)
+    lm = load(args.model, device=args.device, progress=sys.stderr.isatty())
+    result = answer(lm, index, args.question, k=args.k, params=_sampling(args))
+    print(result.text.strip())
+    print("\nSources:")
+    for i, src in enumerate(result.sources, 1):
+        print(f"[{i}] {src}")
+    return 0
 
 
 # -- entry point -----------------------------------------------------------------------------------------
@@ -336,6 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    _add_model_opts(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require `Authorization: Bearer KEY` (repeatable; default: $LMFORGE_API_KEYS, comma-separated)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait for a slot before requests get 429 (default 64)")
+    p.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("tokenizer", help="train tokenizers")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE (or --char) tokenizer on text/JSONL files")
@@ -360,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="pretrain a model from scratch")
-    p.add_argument("--preset", default=None, help="a named recipe (shakespeare-char, tinystories-bpe)")
+    from .train.presets import PRESETS
+
+    p.add_argument("--preset", default=None, help=f"a named recipe ({', '.join(PRESETS)})")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="settings (override the preset)")
     p.add_argument("--data", default=None,
                    help="a text/JSONL corpus (tokenized into OUT/data) or a `lmforge data prepare` directory")
@@ -369,12 +535,93 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, e.g. --set max_iters=500 --set model.n_layers=2 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--objective", choices=("clm", "mlm"), default=None,
+                   help="clm: next-token prediction (default); mlm: masked tokens, for encoders (bert-mini-mlm)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plot", help="draw a training run's loss curves as a PNG")
     p.add_argument("run_dir", help="a `lmforge train` run directory (with metrics.jsonl)")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/loss.png)")
     p.set_defaults(func=cmd_plot)
+
+    def add_texts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("texts", nargs="*", metavar="TEXT", help="texts (or use --input)")
+        p.add_argument("--input", nargs="+", default=None, metavar="PATH",
+                       help="JSONL files (one text per record) or text files (one text per paragraph)")
+        p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+
+    p = sub.add_parser("embed", help="embed texts (JSON lines, .npy, k-means clusters or a 2-D PCA plot)")
+    _add_model_opts(p)
+    add_texts(p)
+    p.add_argument("--out", default=None, metavar="FILE.npy", help="save the embeddings as a .npy array")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw a 2-D PCA projection of the texts")
+    p.add_argument("--clusters", type=int, default=None, metavar="K", help="k-means: print each text's cluster")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("similarity", help="pairwise cosine similarity of texts")
+    _add_model_opts(p)
+    add_texts(p)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("classify", help="predict labels with a `lmforge finetune classify` model")
+    _add_model_opts(p)
+    add_texts(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("finetune", help="fine-tune a model for a task")
+    fsub = p.add_subparsers(dest="finetune_command", metavar="COMMAND", required=True)
+    f = fsub.add_parser("classify", help="text classification (CSV, TSV or JSONL with text and label columns)")
+    _add_model_opts(f)
+    f.add_argument("--train", required=True, metavar="FILE", help="training examples (.csv, .tsv, .jsonl)")
+    f.add_argument("--eval", default=None, metavar="FILE", help="evaluation examples: accuracy and F1")
+    f.add_argument("--text-field", default="text", help="column/field with the text (default text)")
+    f.add_argument("--label-field", default="label", help="column/field with the label (default label)")
+    f.add_argument("--out", required=True, metavar="DIR", help="output model directory (replaced atomically)")
+    f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
+    f.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    f.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    f.add_argument("--max-train", type=int, default=None, metavar="N", help="train on a random N-example subset")
+    f.add_argument("--max-eval", type=int, default=None, metavar="N", help="evaluate on a random N-example subset")
+    f.add_argument("--pooling", default=None, choices=("mean", "cls", "max", "last", "mean_sqrt_len", "pooler"),
+                   help="how the head sees the text (default: the encoder's pooling; last token for decoders)")
+    f.add_argument("--seed", type=int, default=0, help="seed for shuffling, subsets and the head (default 0)")
+    f.set_defaults(func=cmd_finetune_classify)
+
+    p = sub.add_parser("index", help="semantic search indexes over a folder of documents")
+    isub = p.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
+    i = isub.add_parser("build", help="chunk and embed a documents folder into an on-disk index")
+    i.add_argument("docs", metavar="DOCS_DIR", help="folder (or files) of text documents")
+    i.add_argument("--out", required=True, metavar="INDEX", help="index directory (replaced atomically)")
+    i.add_argument("--embed-model", default="all-minilm-l6-v2", help="embedding model (default all-minilm-l6-v2)")
+    i.add_argument("--chunk-words", type=int, default=120, help="words per chunk (default 120)")
+    i.add_argument("--overlap", type=int, default=30, help="words shared by neighbouring chunks (default 30)")
+    i.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    i.set_defaults(func=cmd_index_build)
+    i = isub.add_parser("search", help="top-k chunks for a query, with scores and sources")
+    i.add_argument("index", metavar="INDEX", help="a `lmforge index build` directory")
+    i.add_argument("query")
+    i.add_argument("-k", type=int, default=5, help="how many chunks (default 5)")
+    i.add_argument("--embed-model", default=None, help="must match the index's model (default: the index's)")
+    i.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    i.set_defaults(func=cmd_index_search)
+
+    p = sub.add_parser("ask", help="answer a question from an index with a chat model, citing sources "
+                                   "(greedy unless --temperature is given)")
+    p.add_argument("index", metavar="INDEX", help="a `lmforge index build` directory")
+    p.add_argument("question")
+    from .registry import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"chat model (default {DEFAULT_MODEL})")
+    p.add_argument("-k", type=int, default=3, help="chunks given to the model (default 3)")
+    p.add_argument("--embed-model", default=None, help="must match the index's model (default: the index's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_ask, temperature=0.0)
     return parser
 
 

@@ -40,3 +40,23 @@ def atomic_dir(out: str | Path, marker: str | None = None) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; on success it replaces `out`, so readers never see half a file."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise LMForgeError(f"{out} is a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

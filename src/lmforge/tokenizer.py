@@ -134,6 +134,9 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise LMForgeError(f"{tj}: cannot parse tokenizer ({str(e).splitlines()[0]})") from None
+        # Some files (BERT exports) carry fixed padding/truncation; transformers ignores them unless asked.
+        hf.no_padding()
+        hf.no_truncation()
         cfg: dict[str, Any] = {}
         if (path / "tokenizer_config.json").exists():
             cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -201,14 +204,30 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
+                     max_length: int | None = None) -> list[list[int]]:
+        """Ids of several texts; ``max_length`` truncates each, keeping the special tokens (e.g. [SEP])."""
+        if max_length is None:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        room = max_length - (self.hf.num_special_tokens_to_add(False) if add_special_tokens else 0)
+        if room < 1:
+            raise LMForgeError(f"max_length {max_length} leaves no room for text")
+        out = []
+        for enc in self.hf.encode_batch(texts, add_special_tokens=False):
+            enc.truncate(room)
+            out.append(self.hf.post_process(enc, None, add_special_tokens).ids)
+        return out
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
+
+    @property
+    def mask_token(self) -> str | None:
+        """The masked-LM mask token, if the vocabulary has one (ours, BERT's or RoBERTa's spelling)."""
+        return next((t for t in ("<|mask|>", "[MASK]", "<mask>") if self.hf.token_to_id(t) is not None), None)
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,9 @@ class Sequence:
     decoder: IncrementalDecoder | None = None
     stop_ids: frozenset[int] = frozenset()
     raw: str = ""  # decoded text including any held-back tail that might start a stop string
+    # Optional decoding constraint (structured output): ``mask(logits, remaining) -> logits`` before
+    # sampling and ``accept(token)`` after it.
+    constraint: Any = None
 
     @property
     def done(self) -> bool:
@@ -69,6 +73,9 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------------
     def add(self, prompt_ids: Seq[int], params: SamplingParams | None = None) -> Sequence:
         params = params or SamplingParams()
+        if not self.cfg.causal:
+            raise LMForgeError("this is an encoder (bidirectional) model: it embeds and classifies text but cannot "
+                               "generate; use `lmforge embed` or `lmforge classify`")
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise LMForgeError("the prompt is empty")
@@ -160,13 +167,17 @@ class Engine:
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:
         logits = logits.float()
         simple = all(s.params.greedy and s.sampler.counts is None and s.sampler.seen is None
-                     and s.sampler.bias is None for s in batch)
+                     and s.sampler.bias is None and s.constraint is None for s in batch)
         if simple:  # one argmax for the whole batch
             chosen = logits.argmax(-1).tolist()
         else:
-            chosen = [s.sampler.sample(logits[i]) for i, s in enumerate(batch)]
+            chosen = [s.sampler.sample(logits[i] if s.constraint is None
+                                       else s.constraint.mask(logits[i], s.max_tokens - len(s.output_ids)))
+                      for i, s in enumerate(batch)]
         out = []
         for i, (s, tok) in enumerate(zip(batch, chosen)):
+            if s.constraint is not None:
+                s.constraint.accept(tok)
             if s.params.logprobs:
                 s.logprobs.append(token_logprob(logits[i], tok, s.params.top_logprobs))
             out.append((s, self._append(s, tok)))

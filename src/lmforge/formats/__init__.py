@@ -113,11 +113,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
     if not path.exists():
         raise LMForgeError(f"no such file or directory: {path}")
     if path.is_dir():
-        from .hf import config_from_hf, load_hf_weights, read_json
+        from .hf import config_from_hf, load_hf_weights, read_json, tensor_names
 
         if not (path / "config.json").exists():
             raise LMForgeError(f"{path}: not a model directory (no config.json)")
-        cfg = config_from_hf(read_json(path / "config.json"))
+        cfg = config_from_hf(read_json(path / "config.json"), tensor_names(path))
         model = build_model(cfg, load_hf_weights(path, cfg), dev, dt, progress)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         types = Counter(str(p.dtype).replace("torch.", "") for p in model.parameters())

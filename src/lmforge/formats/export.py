@@ -34,6 +34,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else cfg.activation,
             "tie_word_embeddings": True, "torch_dtype": "float32",
         }
+    if cfg.family == "bert":
+        return _bert_config(cfg)
     if cfg.family not in ("llama", "qwen2"):
         raise LMForgeError(f"cannot export a {cfg.family} model to an HF directory yet")
     if cfg.family == "llama" and cfg.qkv_bias != cfg.out_bias:
@@ -51,10 +53,12 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our weights under transformers' names and layouts."""
+def hf_tensors(model: Transformer, state_dict: dict[str, torch.Tensor] | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our weights under transformers' names and layouts (from `state_dict` when given, e.g. one
+    gathered from a sharded model)."""
     cfg = model.cfg
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {k: v.detach() for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     if cfg.family == "gpt2":
         yield "transformer.wte.weight", sd["tok_emb.weight"]
         yield "transformer.wpe.weight", sd["pos_emb.weight"]
@@ -69,6 +73,9 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
                 yield p + f"{theirs}.bias", sd[o + f"{ours}.bias"]
         yield "transformer.ln_f.weight", sd["norm.weight"]
         yield "transformer.ln_f.bias", sd["norm.bias"]
+        return
+    if cfg.family == "bert":
+        yield from _bert_tensors(cfg, sd)
         return
     yield "model.embed_tokens.weight", sd["tok_emb.weight"]
     split_qkv = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
@@ -98,10 +105,62 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
         yield "lm_head.weight", sd["lm_head.weight"]
 
 
+def _bert_config(cfg: ModelConfig) -> dict[str, Any]:
+    mt = cfg.extra.get("hf_model_type", "bert")
+    if not (cfg.norm_position == "post" and cfg.position == "learned" and cfg.qkv_bias and cfg.mlp_bias
+            and cfg.n_kv_heads == cfg.n_heads and not cfg.causal):
+        raise LMForgeError("an HF BERT is a post-norm, bidirectional MHA encoder with biases; this model differs")
+    base = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[mt]
+    arch = base + ("ForMaskedLM" if cfg.head == "mlm" else "Model")
+    return {
+        "architectures": [arch], "model_type": mt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.ffn_dim,
+        "hidden_act": _HF_ACT[cfg.activation], "layer_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.context_length + cfg.extra.get("position_offset", 0),
+        "type_vocab_size": cfg.type_vocab_size, "pad_token_id": cfg.extra.get("pad_token_id", 0),
+        "position_embedding_type": "absolute", "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def _bert_tensors(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The inverse of `formats.hf._bert_tensors`."""
+    roberta = cfg.extra.get("hf_model_type", "bert") != "bert"
+    # A bare encoder is saved unprefixed (BertModel); a masked-LM one under bert./roberta. (BertForMaskedLM).
+    base = ("roberta." if roberta else "bert.") if cfg.head == "mlm" else ""
+    e = base + "embeddings."
+    yield e + "word_embeddings.weight", sd["tok_emb.weight"]
+    pos = sd["pos_emb.weight"]
+    off = cfg.extra.get("position_offset", 0)
+    yield e + "position_embeddings.weight", torch.cat([pos.new_zeros(off, pos.shape[1]), pos])
+    if cfg.type_vocab_size:
+        yield e + "token_type_embeddings.weight", sd["type_emb.weight"]
+    yield e + "LayerNorm.weight", sd["emb_norm.weight"]
+    yield e + "LayerNorm.bias", sd["emb_norm.bias"]
+    for i in range(cfg.n_layers):
+        o, p = f"layers.{i}.", f"{base}encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for name, part in zip(("query", "key", "value"), sd[o + f"attn.qkv.{kind}"].split(cfg.dim)):
+                yield p + f"attention.self.{name}.{kind}", part
+            for ours, theirs in (("attn.o", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+                                 ("mlp.fc", "intermediate.dense"), ("mlp.down", "output.dense"),
+                                 ("mlp_norm", "output.LayerNorm")):
+                yield p + f"{theirs}.{kind}", sd[o + f"{ours}.{kind}"]
+    if cfg.pooler:
+        yield base + "pooler.dense.weight", sd["pooler.weight"]
+        yield base + "pooler.dense.bias", sd["pooler.bias"]
+    if cfg.head == "mlm":
+        h = "lm_head." if roberta else "cls.predictions."
+        dense, norm = ("dense", "layer_norm") if roberta else ("transform.dense", "transform.LayerNorm")
+        for kind in ("weight", "bias"):
+            yield f"{h}{dense}.{kind}", sd[f"mlm_dense.{kind}"]
+            yield f"{h}{norm}.{kind}", sd[f"mlm_norm.{kind}"]
+        yield h + "bias", sd["mlm_bias"]
+
+
 def save_tokenizer(tok: Tokenizer, out: Path) -> None:
     tok.hf.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-              "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+              "pad_token": tok.pad_token, "unk_token": tok.unk_token, "mask_token": tok.mask_token,
               # the template lmforge renders with, so the export chats the same way
               "chat_template": tok.chat_template or CHATML_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None},
@@ -109,9 +168,9 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
 
 
 def write_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None = None,
-             dtype: torch.dtype = torch.float32) -> None:
+             dtype: torch.dtype = torch.float32, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json, model.safetensors (and the tokenizer files) into an existing directory."""
-    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in hf_tensors(model)}
+    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in hf_tensors(model, state_dict)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
     if tokenizer is not None:

@@ -14,6 +14,7 @@ from ..errors import LMForgeError
 from ..model.config import ModelConfig
 
 _LLAMA_LIKE = {"llama", "mistral", "qwen2"}
+_BERT_LIKE = {"bert", "roberta", "xlm-roberta"}
 _ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
         "gelu_fast": "gelu_tanh", "relu": "relu"}
 
@@ -31,9 +32,12 @@ def _act(name: str) -> str:
     return _ACT[name]
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Map a transformers config.json onto ModelConfig."""
+def config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None) -> ModelConfig:
+    """Map a transformers config.json onto ModelConfig. ``tensor_names`` (the checkpoint's) settles which
+    optional encoder parts (pooler, MLM head) are present; without them the architecture name decides."""
     mt = hf.get("model_type")
+    if mt in _BERT_LIKE:
+        return _bert_config(hf, tensor_names)
     if mt in _LLAMA_LIKE:
         n_heads = hf["num_attention_heads"]
         return ModelConfig(
@@ -77,7 +81,48 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             tie_embeddings=True,
             context_length=hf.get("n_positions", 1024),
         )
-    raise LMForgeError(f"unsupported model_type {mt!r} in config.json (supported: llama, mistral, qwen2, gpt2)")
+    raise LMForgeError(f"unsupported model_type {mt!r} in config.json "
+                       "(supported: llama, mistral, qwen2, gpt2, bert, roberta)")
+
+
+def _bert_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
+    mt = hf["model_type"]
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise LMForgeError(f"unsupported position_embedding_type {hf['position_embedding_type']!r} "
+                           "(supported: absolute)")
+    arch = (hf.get("architectures") or [""])[0]
+    if names is not None:
+        mlm = any(n.endswith(("cls.predictions.transform.dense.weight", "lm_head.dense.weight")) for n in names)
+        pooler = any(n.endswith("pooler.dense.weight") for n in names)
+    else:
+        mlm = arch.endswith(("ForMaskedLM", "ForPreTraining"))
+        pooler = arch.endswith(("Model", "ForPreTraining", "ForSequenceClassification")) or not arch
+    # RoBERTa numbers positions from pad_token_id + 1; we drop the unused rows and count from 0.
+    offset = hf.get("pad_token_id", 1) + 1 if mt != "bert" else 0
+    return ModelConfig(
+        family="bert",
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        ffn_dim=hf["intermediate_size"],
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_position="post",
+        mlp="gelu",
+        activation=_act(hf.get("hidden_act", "gelu")),
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        context_length=hf.get("max_position_embeddings", 512) - offset,
+        causal=False,
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        head="mlm" if mlm else "none",
+        pooler=pooler,
+        extra={"hf_model_type": mt, "pad_token_id": hf.get("pad_token_id", 0), "position_offset": offset},
+    )
 
 
 def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
@@ -147,6 +192,10 @@ def hf_state_dict(cfg: ModelConfig, src: TensorSource) -> Iterator[tuple[str, to
     if cfg.family == "gpt2":
         yield from _gpt2_tensors(cfg, _strip_prefix(src, ("transformer.", "")))
         return
+    if cfg.family == "bert":
+        prefix = "bert." if cfg.extra.get("hf_model_type", "bert") == "bert" else "roberta."
+        yield from _bert_tensors(cfg, _strip_prefix(src, (prefix, "")))
+        return
     get = _strip_prefix(src, ("model.", ""))
     yield "tok_emb.weight", get("embed_tokens.weight")
     for i in range(cfg.n_layers):
@@ -186,6 +235,42 @@ def _gpt2_tensors(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> Itera
             yield o + f"{ours}.bias", get(p + f"{theirs}.bias")
     yield "norm.weight", get("ln_f.weight")
     yield "norm.bias", get("ln_f.bias")
+
+
+def _bert_tensors(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    e = "embeddings."
+    yield "tok_emb.weight", get(e + "word_embeddings.weight")
+    off = cfg.extra.get("position_offset", 0)
+    yield "pos_emb.weight", get(e + "position_embeddings.weight")[off:off + cfg.context_length]
+    if cfg.type_vocab_size:
+        yield "type_emb.weight", get(e + "token_type_embeddings.weight")
+    yield "emb_norm.weight", get(e + "LayerNorm.weight")
+    yield "emb_norm.bias", get(e + "LayerNorm.bias")
+    for i in range(cfg.n_layers):
+        p, o = f"encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            yield o + f"attn.qkv.{kind}", torch.cat([get(p + f"attention.self.{x}.{kind}")
+                                                      for x in ("query", "key", "value")])
+            for ours, theirs in (("attn.o", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+                                 ("mlp.fc", "intermediate.dense"), ("mlp.down", "output.dense"),
+                                 ("mlp_norm", "output.LayerNorm")):
+                yield o + f"{ours}.{kind}", get(p + f"{theirs}.{kind}")
+    if cfg.pooler:
+        yield "pooler.weight", get("pooler.dense.weight")
+        yield "pooler.bias", get("pooler.dense.bias")
+    if cfg.head == "mlm":
+        roberta = cfg.extra.get("hf_model_type", "bert") != "bert"
+        h = "lm_head." if roberta else "cls.predictions."
+        dense, norm = ("dense", "layer_norm") if roberta else ("transform.dense", "transform.LayerNorm")
+        for kind in ("weight", "bias"):
+            yield f"mlm_dense.{kind}", get(f"{h}{dense}.{kind}")
+            yield f"mlm_norm.{kind}", get(f"{h}{norm}.{kind}")
+        yield "mlm_bias", get(h + "bias")
+
+
+def tensor_names(path: Path) -> set[str]:
+    """Names of the tensors in an HF directory's safetensors files (headers only)."""
+    return set(TensorSource(_safetensors_files(path)).where)
 
 
 def load_hf_weights(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:

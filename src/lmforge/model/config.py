@@ -13,6 +13,7 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITIONS = ("rope", "learned", "none")
+HEADS = ("lm", "mlm", "none")
 
 
 @dataclass
@@ -40,6 +41,10 @@ class ModelConfig:
     context_length: int = 2048
     causal: bool = True  # False for encoders (bidirectional attention)
     type_vocab_size: int = 0  # BERT token-type embeddings; 0 disables them
+    # Output head: "lm" (next-token matrix), "mlm" (BERT's dense + norm transform before a tied, biased
+    # matrix) or "none" (a bare encoder: forward returns hidden states).
+    head: str = "lm"
+    pooler: bool = False  # BERT's pooler: dense + tanh over the first token's hidden state
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific values carried for export
 
     def __post_init__(self) -> None:
@@ -59,6 +64,7 @@ class ModelConfig:
             ("activation", ACTIVATIONS),
             ("position", POSITIONS),
             ("norm_position", ("pre", "post")),
+            ("head", HEADS),
         ):
             value = getattr(self, name)
             if value not in allowed:

@@ -74,9 +74,10 @@ def lib() -> ctypes.CDLL | None:
 
 
 def fast_path(x: torch.Tensor) -> bool:
-    """Whether `x` may go through the C kernels: fp32 on CPU, not being differentiated."""
+    """Whether `x` may go through the C kernels: fp32 on CPU, not being differentiated, not being traced
+    by torch.compile (which cannot see through raw pointers, and fuses these ops itself)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
-            and lib() is not None)
+            and not torch.compiler.is_compiling() and lib() is not None)
 
 
 def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:

@@ -8,15 +8,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .blocks import Block, Rotary, make_norm
+from .blocks import _ACTIVATIONS, Block, Rotary, make_norm
 from .config import ModelConfig
 from .kernels import packed_matmul
 from .quant import PackedWeight, use_packed
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM today (Llama, Qwen2, GPT-2); encoders flip ``causal`` and ``norm_position``."""
+    """Decoder LMs (Llama, Qwen2, GPT-2) and encoders (BERT, RoBERTa: ``causal`` off, post-norm, token
+    types, an optional pooler, an MLM head or none) from the same switches."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -28,11 +30,27 @@ class Transformer(nn.Module):
         self.emb_norm = make_norm(cfg) if cfg.norm_position == "post" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings or cfg.head != "lm" else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.head == "mlm":  # BERT's masked-LM head; its output matrix is the (tied) token embedding
+            self.mlm_dense = nn.Linear(cfg.dim, cfg.dim)
+            self.mlm_act = _ACTIVATIONS[cfg.activation]
+            self.mlm_norm = make_norm(cfg)
+            self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.pooler = nn.Linear(cfg.dim, cfg.dim) if cfg.pooler else None
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         # Codes of a tied output matrix from a quantized file, for fast CPU decoding (see quant.py).
         self.head_packed: PackedWeight | None = None
         self._head_version = 0
+        # Recompute each block's activations in backward instead of storing them (training only).
+        self.grad_checkpointing = False
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler output: tanh(dense(first token's hidden state)), [b, T, dim] -> [b, dim]."""
+        if self.pooler is None:
+            from ..errors import LMForgeError
+
+            raise LMForgeError("this model has no pooler layer")
+        return torch.tanh(self.pooler(hidden[:, 0]))
 
     def set_head_packed(self, packed: PackedWeight) -> None:
         self.head_packed, self._head_version = packed, self.tok_emb.weight._version
@@ -109,13 +127,18 @@ class Transformer(nn.Module):
         max_pos = max(start) + t - 1 if cache is not None else t - 1
         rope = self.rotary(positions, x.dtype, max_pos) if self.rotary is not None else None
         for layer in self.layers:
-            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, use_reentrant=False)
+            else:
+                x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
         if self.norm is not None:
             x = self.norm(x)
         if last_index is not None:
             x = x[torch.arange(b, device=dev), last_index]
-        if return_hidden:
+        if return_hidden or self.cfg.head == "none":
             return x
+        if self.cfg.head == "mlm":
+            return F.linear(self.mlm_norm(self.mlm_act(self.mlm_dense(x))), self.tok_emb.weight, self.mlm_bias)
         if self.lm_head is not None:
             return self.lm_head(x)
         if self.head_packed is not None and self.tok_emb.weight._version != self._head_version:

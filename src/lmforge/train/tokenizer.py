@@ -19,7 +19,9 @@ from ..fsutil import atomic_dir
 from ..tokenizer import CHATML_TEMPLATE, Tokenizer
 from .corpus import iter_texts
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]  # boundary first
+# The document boundary first; ChatML and tool-call markers for chat tuning; a mask for masked-LM pretraining.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<|mask|>"]
+MASK_TOKEN = "<|mask|>"
 CHAR_UNK = "<unk>"  # char-level only: characters never seen in training
 GPT4_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -50,11 +52,12 @@ def _write_atomic(hf: HFTokenizer, out_dir: str | Path, unk_token: str | None = 
         hf.save(str(tmp / "tokenizer.json"))
         eos = SPECIAL_TOKENS[0]
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
-               "unk_token": unk_token, "model_max_length": MODEL_MAX_LENGTH,
+               "unk_token": unk_token, "mask_token": MASK_TOKEN, "model_max_length": MODEL_MAX_LENGTH,
                "clean_up_tokenization_spaces": False, "chat_template": CHATML_TEMPLATE}
         (tmp / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
-        smap = {"bos_token": eos, "eos_token": eos, **({"unk_token": unk_token} if unk_token else {})}
+        smap = {"bos_token": eos, "eos_token": eos, "mask_token": MASK_TOKEN,
+                **({"unk_token": unk_token} if unk_token else {})}
         (tmp / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n", encoding="utf-8")
     return Path(out_dir).expanduser()
 
