@@ -1,0 +1,710 @@
+"""The OpenAI-compatible HTTP API (FastAPI), on top of the continuous-batching scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import LM
+from ..engine import Engine, SamplingParams, TokenLogprob
+from ..errors import LMForgeError
+from .metrics import Metrics
+from .scheduler import Event, Job, QueueFull, Scheduler
+from .schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    ResponseFormat,
+    TokenizeRequest,
+)
+
+OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # no API key needed
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
+          "/detokenize", "/metrics", "/")
+MAX_STOP = 16
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_keys: list[str] = field(default_factory=list)
+    max_batch: int = 16
+    max_queue: int = 64
+    ctx: int | None = None
+    max_body_bytes: int = 4 * 2**20
+    max_messages: int = 512
+    max_inputs: int = 256  # embeddings inputs / completion prompts per request
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+              ) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return _envelope(e.status, e.message, e.type, e.param, e.code)
+
+
+# -- middleware: API keys, body size, request counts ------------------------------------------------------
+class _Gate:
+    """Pure ASGI middleware, so oversized bodies are refused without ever being handed to the app."""
+
+    def __init__(self, app: Any, cfg: ServerConfig, metrics: Metrics) -> None:
+        self.app, self.cfg, self.metrics = app, cfg, metrics
+        self.keys = [k.encode() for k in cfg.api_keys]
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        auth = headers.get(b"authorization", b"")
+        scheme, _, given = auth.partition(b" ")
+        if scheme.lower() != b"bearer":
+            given = b""
+        ok = False
+        for key in self.keys:  # no early exit: the time taken says nothing about which key is close
+            ok |= hmac.compare_digest(given.strip(), key)
+        return ok
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status: list[int] = [0]
+
+        async def send_and_count(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_and_count, path)
+        finally:
+            self.metrics.requests.inc(endpoint=path if path in ROUTES else "other", status=str(status[0]))
+
+    async def _handle(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
+        headers = dict(scope.get("headers") or [])
+        if self.keys and path not in OPEN_PATHS and not self._authorized(headers):
+            await _envelope(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
+                            "invalid_request_error", None, "invalid_api_key")(scope, receive, send)
+            return
+        limit = self.cfg.max_body_bytes
+        too_big = _envelope(413, f"request body is larger than the {limit} bytes allowed", "invalid_request_error",
+                            None, "request_too_large")
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            await too_big(scope, receive, send)
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        # Read the body here (bounded) and replay it, so a chunked body cannot grow past the limit either.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await too_big(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# -- the server state ---------------------------------------------------------------------------------------
+class Server:
+    """The loaded model, its engine and scheduler, and the helpers the routes share."""
+
+    def __init__(self, lm: LM, cfg: ServerConfig) -> None:
+        self.lm, self.cfg = lm, cfg
+        self.tok = lm.tokenizer
+        self.engine = Engine(lm.model, self.tok, max_batch=cfg.max_batch, max_len=cfg.ctx)
+        self.ctx = self.engine.context
+        self.vocab = lm.config.vocab_size
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(self.engine, max_queue=cfg.max_queue, metrics=self.metrics)
+        self.created = int(time.time())
+        self.names = {cfg.model_name}
+        self._grammars: Any = None
+        self._grammar_lock = threading.Lock()
+        self._grammar_cache: dict[str, str] = {}
+        self._token_text: dict[int, str] = {}
+
+    # -- validation helpers --------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name and name not in self.names:
+            raise APIError(404, f"the model {name!r} does not exist (this server serves {self.cfg.model_name!r})",
+                           param="model", code="model_not_found")
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        bad = next((i for i in ids if not 0 <= i < self.vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary of {self.vocab}", param=param)
+
+    def budget(self, prompt_len: int, requested: int | None, explicit: bool, param: str = "max_tokens") -> int:
+        """How many tokens a completion may generate; context overflow is a 400 naming both counts."""
+        if prompt_len >= self.ctx:
+            raise APIError(400, f"the prompt is {prompt_len} tokens, but the context window is {self.ctx} tokens",
+                           param="messages" if param != "max_tokens" else "prompt", code="context_length_exceeded")
+        room = self.ctx - prompt_len
+        if requested is None:
+            return room
+        if requested > room and explicit:
+            raise APIError(400, f"the context window is {self.ctx} tokens, but {prompt_len + requested} were requested "
+                                f"({prompt_len} in the prompt, {requested} for the completion)",
+                           param=param, code="context_length_exceeded")
+        return min(requested, room)
+
+    def sampling(self, req: Any, max_tokens: int, logprobs: bool, top_logprobs: int, index: int) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP:
+            raise APIError(400, f"at most {MAX_STOP} stop strings are allowed, got {len(stop)}", param="stop")
+        bias: dict[int, float] = {}
+        for k, v in (req.logit_bias or {}).items():
+            try:
+                tok = int(k)
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+            if not 0 <= tok < self.vocab:
+                raise APIError(400, f"logit_bias token id {tok} is outside the vocabulary of {self.vocab}",
+                               param="logit_bias")
+            bias[tok] = v
+        seed = None if req.seed is None else req.seed + index  # n>1 with one seed: distinct, reproducible
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=max(0, req.top_k or 0),
+                min_p=req.min_p or 0.0,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=bias or None, seed=seed, stop=stop, ignore_eos=req.ignore_eos,
+                logprobs=logprobs, top_logprobs=top_logprobs,
+            )
+        except LMForgeError as e:
+            raise APIError(400, str(e)) from None
+
+    # -- structured output ------------------------------------------------------------------------------
+    def grammar(self, fmt: ResponseFormat | None) -> str | None:
+        if fmt is None or fmt.type == "text":
+            return None
+        schema: dict[str, Any] | None = None
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+            schema = fmt.json_schema.schema_
+        key = json.dumps(schema, sort_keys=True)
+        with self._grammar_lock:
+            if self._grammars is None:
+                from .structured import JsonGrammars
+
+                self._grammars = JsonGrammars(self.tok, self.vocab)
+            if key not in self._grammar_cache:
+                try:
+                    self._grammar_cache[key] = self._grammars.compile(schema)
+                except LMForgeError as e:
+                    raise APIError(400, str(e), param="response_format") from None
+                if len(self._grammar_cache) > 256:
+                    self._grammar_cache.pop(next(iter(self._grammar_cache)))
+            return self._grammar_cache[key]
+
+    def constraints(self, grammar: str | None, n: int) -> list[Any]:
+        return [None if grammar is None else self._grammars.constraint(grammar) for _ in range(n)]
+
+    # -- text of tokens -----------------------------------------------------------------------------------
+    def token_text(self, i: int) -> str:
+        text = self._token_text.get(i)
+        if text is None:
+            text = self._token_text[i] = self.tok.decode([i], skip_special_tokens=False)
+        return text
+
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if len(messages) > self.cfg.max_messages:
+            raise APIError(400, f"at most {self.cfg.max_messages} messages are allowed, got {len(messages)}",
+                           param="messages")
+        msgs = []
+        for m in messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(p.text or "" for p in content if p.type == "text")
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        try:
+            return self.tok.encode_chat(msgs, add_generation_prompt=add_generation_prompt)
+        except LMForgeError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    # -- work on the scheduler thread -----------------------------------------------------------------------
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.lm.model
+        return m.lm_head(h) if m.lm_head is not None else F.linear(h, m.tok_emb.weight)
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """Logprob of every prompt token given the ones before it (None for the first), chunked over positions."""
+        out: list[TokenLogprob | None] = [None]
+        with torch.inference_mode():
+            hidden = self.lm.model(torch.tensor([ids], device=self.engine.device), return_hidden=True)[0]
+            for start in range(0, len(ids) - 1, 256):
+                lp = torch.log_softmax(self._head(hidden[start:start + 256]).float(), -1)
+                for j in range(lp.shape[0]):
+                    pos = start + j + 1
+                    if pos >= len(ids):
+                        break
+                    alts: list[tuple[int, float]] = []
+                    if top:
+                        vals, idx = torch.topk(lp[j], top)
+                        alts = list(zip(idx.tolist(), vals.tolist()))
+                    out.append(TokenLogprob(ids[pos], float(lp[j, ids[pos]]), alts))
+        return out
+
+    def embed(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        vecs = []
+        with torch.inference_mode():
+            for ids in batch:
+                h = self.lm.model(torch.tensor([ids], device=self.engine.device), return_hidden=True)[0]
+                vecs.append(F.normalize(h.float().mean(0), dim=-1).cpu())
+        return vecs
+
+
+# -- formatting -------------------------------------------------------------------------------------------------
+def _completion_logprobs(server: Server, lps: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        if lp is None:  # the first prompt token has no context to be predicted from
+            continue
+        text = server.token_text(lp.token_id)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({server.token_text(i): v for i, v in lp.top} if lp.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _echo_logprobs(server: Server, prompt: list[int], plps: list[TokenLogprob | None]) -> dict[str, Any]:
+    tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
+    for i, lp in zip(prompt, plps):
+        text = server.token_text(i)
+        tokens.append(text)
+        token_lps.append(None if lp is None else lp.logprob)
+        tops.append(None if lp is None else {server.token_text(a): v for a, v in lp.top} if lp.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _merge_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {k: a[k] + b[k] for k in a}
+
+
+def _chat_logprobs(server: Server, lps: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(i: int, v: float) -> dict[str, Any]:
+        text = server.token_text(i)
+        return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for lp in lps], "refusal": None}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# -- the app ------------------------------------------------------------------------------------------------------
+def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
+    """Build the FastAPI app; its scheduler thread starts now and stops at shutdown."""
+    server = Server(lm, cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.scheduler.close()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.add_middleware(_Gate, cfg=cfg, metrics=server.metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = (e.errors() or [{}])[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = err.get("msg", "invalid request")
+        return _envelope(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return _envelope(e.status_code, msg, "invalid_request_error" if e.status_code < 500 else "server_error",
+                         None, "not_found" if e.status_code == 404 else None)
+
+    @app.exception_handler(LMForgeError)
+    async def _lmforge_error(request: Request, e: LMForgeError) -> JSONResponse:
+        return _envelope(400, str(e), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        return _envelope(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    # -- plain routes ----------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": cfg.model_name, "running": server.scheduler.running,
+                "waiting": server.scheduler.waiting}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": cfg.model_name, "object": "model", "created": server.created, "owned_by": "lmforge",
+                "max_model_len": server.ctx}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        server.check_model(name)
+        return model_card()
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index() -> HTMLResponse:
+        return HTMLResponse(resources.files("lmforge.serve").joinpath("static/index.html").read_text("utf-8"))
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        server.check_model(req.model)
+        if req.messages is not None:
+            ids = server.chat_ids(req.messages, req.add_generation_prompt)
+        elif req.prompt is not None:
+            ids = server.tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise APIError(400, "send `prompt` or `messages`", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.ctx}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        server.check_model(req.model)
+        bad = next((i for i in req.tokens if not 0 <= i < server.vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary of {server.vocab}", param="tokens")
+        return {"prompt": server.tok.decode(req.tokens)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        server.check_model(req.model)
+        inputs = req.input
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # type: ignore[list-item]
+        if not inputs:
+            raise APIError(400, "input is empty", param="input")
+        if len(inputs) > cfg.max_inputs:
+            raise APIError(400, f"at most {cfg.max_inputs} inputs are allowed, got {len(inputs)}", param="input")
+        batch = [server.tok.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        for ids in batch:
+            server.check_ids(ids, "input")
+            if len(ids) > server.ctx:
+                raise APIError(400, f"an input is {len(ids)} tokens, but the context window is {server.ctx} tokens",
+                               param="input", code="context_length_exceeded")
+        vecs = await server.scheduler.call(lambda: server.embed(batch))
+        dim = vecs[0].shape[0]
+        if req.dimensions is not None:
+            if req.dimensions > dim:
+                raise APIError(400, f"dimensions must be at most {dim}, got {req.dimensions}", param="dimensions")
+            vecs = [F.normalize(v[: req.dimensions], dim=-1) for v in vecs]
+        data = []
+        for i, v in enumerate(vecs):
+            emb: Any = (base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+                        if req.encoding_format == "base64" else v.tolist())
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n_tokens = sum(len(ids) for ids in batch)
+        server.metrics.tokens_in.inc(n_tokens)
+        return {"object": "list", "data": data, "model": cfg.model_name,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    # -- generation -----------------------------------------------------------------------------------------
+    async def run_job(request: Request, prompts: list[list[int]], params: list[SamplingParams],
+                      grammar: str | None) -> Job:
+        constraints = server.constraints(grammar, len(prompts))
+        try:
+            job = server.scheduler.submit(prompts, params, constraints)
+        except QueueFull as e:
+            raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
+        server.metrics.tokens_in.inc(sum(len(p) for p in prompts))
+        return job
+
+    async def events(job: Job, request: Request | None) -> AsyncIterator[Event]:
+        """The job's events until every sequence finishes; cancels the job if abandoned or disconnected."""
+        remaining = len(job.prompts)
+        watcher = asyncio.create_task(_watch_disconnect(request, job)) if request is not None else None
+        try:
+            while remaining:
+                item = await job.events.get()
+                if isinstance(item, LMForgeError):
+                    raise APIError(400, str(item))
+                if isinstance(item, Exception):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if remaining:
+                server.scheduler.cancel(job)
+
+    async def _watch_disconnect(request: Request, job: Job) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                server.scheduler.cancel(job)
+                return
+
+    def finish(reason: str | None) -> str:
+        return "length" if reason == "length" else "stop"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        server.check_model(req.model)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        ids = server.chat_ids(req.messages)
+        server.check_ids(ids, "messages")
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        explicit = requested is not None
+        max_tokens = server.budget(len(ids), requested, explicit,
+                                   "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+        params = [server.sampling(req, max_tokens, req.logprobs, req.top_logprobs or 0, i) for i in range(req.n)]
+        grammar = server.grammar(req.response_format)
+        job = await run_job(request, [ids] * req.n, params, grammar)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "created": created, "model": cfg.model_name, "system_fingerprint": "lmforge"}
+
+        if not req.stream:
+            texts, reasons, counts = [""] * req.n, [None] * req.n, [0] * req.n
+            lps: list[list[TokenLogprob]] = [[] for _ in range(req.n)]
+            async for ev in events(job, request):
+                texts[ev.index] += ev.text
+                lps[ev.index].extend(ev.logprobs)
+                if ev.finish_reason is not None:
+                    reasons[ev.index], counts[ev.index] = ev.finish_reason, ev.completion_tokens
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": _chat_logprobs(server, lps[i]) if req.logprobs else None,
+                        "finish_reason": finish(reasons[i])} for i in range(req.n)]
+            return {**base, "object": "chat.completion", "choices": choices,
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": sum(counts),
+                              "total_tokens": len(ids) + sum(counts)}}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream() -> AsyncIterator[str]:
+            chunk = {**base, "object": "chat.completion.chunk"}
+            extra = {"usage": None} if include_usage else {}
+            for i in range(req.n):
+                yield _sse(chunk | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]} | extra)
+            total = 0
+            try:
+                async for ev in events(job, None):
+                    if ev.text or (ev.logprobs and req.logprobs):
+                        lp = _chat_logprobs(server, ev.logprobs) if req.logprobs else None
+                        yield _sse(chunk | {"choices": [{"index": ev.index, "delta": {"content": ev.text},
+                                                         "logprobs": lp, "finish_reason": None}]} | extra)
+                    if ev.finish_reason is not None:
+                        total += ev.completion_tokens
+                        yield _sse(chunk | {"choices": [{"index": ev.index, "delta": {}, "logprobs": None,
+                                                         "finish_reason": finish(ev.finish_reason)}]} | extra)
+            except APIError as e:  # headers are gone: report in-band, as OpenAI does
+                yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                return
+            if include_usage:
+                yield _sse(chunk | {"choices": [], "usage": {"prompt_tokens": len(ids), "completion_tokens": total,
+                                                             "total_tokens": len(ids) + total}})
+            yield "data: [DONE]\n\n"
+
+        return _streaming(stream(), job)
+
+    def _streaming(gen: AsyncIterator[str], job: Job) -> StreamingResponse:
+        async def guarded() -> AsyncIterator[str]:
+            complete = False
+            try:
+                async for part in gen:
+                    yield part
+                complete = True
+            finally:  # the client went away (Starlette cancels the stream): free the slots now
+                if not complete:
+                    server.scheduler.cancel(job)
+
+        return StreamingResponse(guarded(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        server.check_model(req.model)
+        raw = req.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]  # type: ignore[list-item]
+        if not raw:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if len(raw) > cfg.max_inputs:
+            raise APIError(400, f"at most {cfg.max_inputs} prompts are allowed, got {len(raw)}", param="prompt")
+        prompts = [server.tok.encode(p) if isinstance(p, str) else list(p) for p in raw]
+        for ids in prompts:
+            server.check_ids(ids, "prompt")
+        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        want = req.max_tokens if req.max_tokens is not None else None
+        if want == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be at least 1 (or use echo to score the prompt)", param="max_tokens")
+        budgets = [server.budget(len(ids), want, explicit) for ids in prompts]
+        top = req.logprobs or 0
+        with_lp = req.logprobs is not None
+        grammar = server.grammar(req.response_format)
+        flat, params, owner = [], [], []
+        for p, (ids, budget) in enumerate(zip(prompts, budgets)):
+            for j in range(req.n):
+                owner.append(p)
+                if budget:
+                    flat.append(ids)
+                    params.append(server.sampling(req, budget, with_lp, top, j))
+        prompt_lps: list[list[TokenLogprob | None]] = []
+        if req.echo and with_lp:
+            prompt_lps = await server.scheduler.call(lambda: [server.prompt_logprobs(ids, top) for ids in prompts])
+        texts_in = [server.tok.decode(ids) if isinstance(r, list) else r for r, ids in zip(raw, prompts)]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "created": created, "model": cfg.model_name, "system_fingerprint": "lmforge"}
+        n_choices = len(owner)
+        prompt_tokens = sum(len(ids) for ids in prompts)
+
+        def echo_lp(i: int) -> dict[str, Any]:
+            return _echo_logprobs(server, prompts[owner[i]], prompt_lps[owner[i]]) if prompt_lps else \
+                {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        if not flat:  # max_tokens 0 with echo: score the prompt only
+            choices = [{"index": i, "text": texts_in[owner[i]], "finish_reason": "length",
+                        "logprobs": echo_lp(i) if with_lp else None} for i in range(n_choices)]
+            return {**base, "object": "text_completion", "choices": choices,
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
+
+        job = await run_job(request, flat, params, grammar)
+
+        if not req.stream:
+            texts, reasons, counts = [""] * n_choices, [None] * n_choices, [0] * n_choices
+            lps: list[list[TokenLogprob]] = [[] for _ in range(n_choices)]
+            async for ev in events(job, request):
+                texts[ev.index] += ev.text
+                lps[ev.index].extend(ev.logprobs)
+                if ev.finish_reason is not None:
+                    reasons[ev.index], counts[ev.index] = ev.finish_reason, ev.completion_tokens
+            choices = []
+            for i in range(n_choices):
+                prefix = texts_in[owner[i]] if req.echo else ""
+                logprobs = None
+                if with_lp:
+                    logprobs = _completion_logprobs(server, lps[i], len(prefix))
+                    if req.echo:
+                        logprobs = _merge_logprobs(echo_lp(i), logprobs)
+                choices.append({"index": i, "text": prefix + texts[i], "logprobs": logprobs,
+                                "finish_reason": finish(reasons[i])})
+            return {**base, "object": "text_completion", "choices": choices,
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                              "total_tokens": prompt_tokens + sum(counts)}}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream() -> AsyncIterator[str]:
+            chunk = {**base, "object": "text_completion"}
+            extra = {"usage": None} if include_usage else {}
+            offsets = [len(texts_in[owner[i]]) if req.echo else 0 for i in range(n_choices)]
+            if req.echo:
+                for i in range(n_choices):
+                    lp = echo_lp(i) if with_lp else None
+                    yield _sse(chunk | {"choices": [{"index": i, "text": texts_in[owner[i]], "logprobs": lp,
+                                                     "finish_reason": None}]} | extra)
+            total = 0
+            try:
+                async for ev in events(job, None):
+                    if ev.text or (ev.logprobs and with_lp):
+                        lp = _completion_logprobs(server, ev.logprobs, offsets[ev.index]) if with_lp else None
+                        offsets[ev.index] += len(ev.text)
+                        yield _sse(chunk | {"choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
+                                                         "finish_reason": None}]} | extra)
+                    if ev.finish_reason is not None:
+                        total += ev.completion_tokens
+                        yield _sse(chunk | {"choices": [{"index": ev.index, "text": "", "logprobs": None,
+                                                         "finish_reason": finish(ev.finish_reason)}]} | extra)
+            except APIError as e:
+                yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                return
+            if include_usage:
+                yield _sse(chunk | {"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total,
+                                                             "total_tokens": prompt_tokens + total}})
+            yield "data: [DONE]\n\n"
+
+        return _streaming(stream(), job)
+
+    return app
+
+
+def model_name_for(model: str) -> str:
+    """The id clients send as `model`: a registry name as given, a file or directory by its name."""
+    p = Path(model)
+    return p.name if p.exists() else model
+
+
+def serve(lm: LM, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = create_app(lm, cfg)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
