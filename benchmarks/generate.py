@@ -17,29 +17,16 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import machine
 
 # lmforge is imported only where it runs: importing it sets KMP_BLOCKTIME, which must not leak into
 # the process that measures transformers as its users get it.
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+from common import machine
 
 TOPICS = ["the sea", "a robot", "a small town", "the moon", "autumn", "a lost key", "trains", "a garden",
           "winter", "a library", "mountains", "a clock", "the desert", "rain", "a lighthouse", "bread",
@@ -36,18 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def start(cmd: list[str], port: int, timeout: float = 300) -> subprocess.Popen:

@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 from serve_util import RunningServer, free_port
-from tiny import make_tiny_llama_dir
+from tiny import make_tiny_bert_dir, make_tiny_llama_dir
 
 from lmforge.cli import main
 
@@ -414,3 +414,18 @@ def test_smollm2_through_lmforge_serve(smollm2_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_encoder_model_serves_embeddings_and_refuses_chat(tmp_path):
+    """An encoder behind /v1/embeddings gives LM.embed's vectors; generation routes answer 400."""
+
+    path = make_tiny_bert_dir(tmp_path / "bert", ["hello", "world", "the", "cat", "sat"])
+    with RunningServer(path) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        texts = ["hello world", "the cat sat"]
+        got = np.array([d.embedding for d in c.embeddings.create(model="tiny", input=texts).data])
+        ref = s.lm.embed(texts)
+        ref = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
+        assert np.allclose(got, ref, atol=1e-5)
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)

@@ -120,25 +120,29 @@ def pad_id(tok: Tokenizer) -> int:
 def embed(model: Transformer, tok: Tokenizer, texts: Sequence[str], pooling: Pooling, batch_size: int = 32,
           progress: bool = False) -> np.ndarray:
     """Embed texts -> float32 array [n, dim]. Texts are batched by length so little padding is computed."""
-    from tqdm import tqdm
-
     if isinstance(texts, str):
         texts = [texts]
     if not texts:
         raise LMForgeError("no texts to embed")
+    max_len = min(pooling.max_length or model.cfg.context_length, model.cfg.context_length)
+    return embed_ids(model, encode_texts(tok, texts, max_len), pad_id(tok), pooling, batch_size, progress)
+
+
+def embed_ids(model: Transformer, rows: Sequence[Sequence[int]], pad: int, pooling: Pooling, batch_size: int = 32,
+              progress: bool = False) -> np.ndarray:
+    """Embed token rows (already within the context) -> float32 array [n, dim]; the server's path too."""
+    from tqdm import tqdm
+
     if batch_size < 1:
         raise LMForgeError(f"batch size must be positive, got {batch_size}")
-    max_len = min(pooling.max_length or model.cfg.context_length, model.cfg.context_length)
-    rows = encode_texts(tok, texts, max_len)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     dev = next(model.parameters()).device
     out = np.zeros((len(rows), model.cfg.dim), dtype=np.float32)
-    pid = pad_id(tok)
     with torch.inference_mode(), tqdm(total=len(rows), desc="embedding", unit=" texts", disable=not progress,
                                       leave=False) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            ids, mask = pad_batch([rows[i] for i in idx], pid, dev)
+            ids, mask = pad_batch([rows[i] for i in idx], pad, dev)
             vec = pool(model(ids, attn_mask=mask, return_hidden=True), mask, pooling.mode, model).float()
             if pooling.normalize:
                 vec = torch.nn.functional.normalize(vec, dim=-1)

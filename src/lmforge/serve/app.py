@@ -178,6 +178,20 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist (this server serves {self.cfg.model_name!r})",
                            param="model", code="model_not_found")
 
+    def token_rows(self, raw: Any, param: str, limit: int) -> tuple[list[Any], list[list[int]]]:
+        """OpenAI's input forms (a string, a token list, or a list of either): each input as given, and
+        its checked token row."""
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]
+        if not raw:
+            raise APIError(400, f"{param} is empty", param=param)
+        if len(raw) > limit:
+            raise APIError(400, f"at most {limit} {param}s are allowed, got {len(raw)}", param=param)
+        rows = [self.tok.encode(x) if isinstance(x, str) else list(x) for x in raw]
+        for ids in rows:
+            self.check_ids(ids, param)
+        return raw, rows
+
     def check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
             raise APIError(400, "the prompt is empty", param=param)
@@ -303,12 +317,11 @@ class Server:
         return out
 
     def embed(self, batch: list[list[int]]) -> list[torch.Tensor]:
-        vecs = []
-        with torch.inference_mode():
-            for ids in batch:
-                h = self.lm.model(torch.tensor([ids], device=self.engine.device), return_hidden=True)[0]
-                vecs.append(F.normalize(h.float().mean(0), dim=-1).cpu())
-        return vecs
+        """Vectors pooled as `LM.embed` pools them (an encoder's sentence-transformers config; mean otherwise)."""
+        from ..embeddings import embed_ids, pad_id
+
+        vecs = torch.from_numpy(embed_ids(self.lm.model, batch, pad_id(self.tok), self.lm.pooling))
+        return list(F.normalize(vecs, dim=-1))  # unit vectors, as OpenAI's embeddings are
 
 
 # -- formatting -------------------------------------------------------------------------------------------------
@@ -444,16 +457,8 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
         server.check_model(req.model)
-        inputs = req.input
-        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]  # type: ignore[list-item]
-        if not inputs:
-            raise APIError(400, "input is empty", param="input")
-        if len(inputs) > cfg.max_inputs:
-            raise APIError(400, f"at most {cfg.max_inputs} inputs are allowed, got {len(inputs)}", param="input")
-        batch = [server.tok.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        _, batch = server.token_rows(req.input, "input", cfg.max_inputs)
         for ids in batch:
-            server.check_ids(ids, "input")
             if len(ids) > server.ctx:
                 raise APIError(400, f"an input is {len(ids)} tokens, but the context window is {server.ctx} tokens",
                                param="input", code="context_length_exceeded")
@@ -592,16 +597,7 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
-        raw = req.prompt
-        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-            raw = [raw]  # type: ignore[list-item]
-        if not raw:
-            raise APIError(400, "prompt is empty", param="prompt")
-        if len(raw) > cfg.max_inputs:
-            raise APIError(400, f"at most {cfg.max_inputs} prompts are allowed, got {len(raw)}", param="prompt")
-        prompts = [server.tok.encode(p) if isinstance(p, str) else list(p) for p in raw]
-        for ids in prompts:
-            server.check_ids(ids, "prompt")
+        raw, prompts = server.token_rows(req.prompt, "prompt", cfg.max_inputs)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         want = req.max_tokens if req.max_tokens is not None else None
         if want == 0 and not req.echo:
