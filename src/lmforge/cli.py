@@ -445,6 +445,54 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import EvalOptions, compare, evaluate, get_task, load_run, report_card, write_run
+    from .eval.tasks import resolve_data
+
+    if args.model == "compare":  # `lmforge eval compare RUN_A RUN_B`
+        if len(args.runs) != 2:
+            raise LMForgeError("usage: lmforge eval compare RUN_A RUN_B")
+        _, text = compare(load_run(args.runs[0]), load_run(args.runs[1]))
+        print(text, end="")
+        return 0
+    if args.runs:
+        raise LMForgeError(f"unexpected argument(s): {' '.join(args.runs)}")
+    if not args.tasks:
+        raise LMForgeError("--tasks is required (e.g. --tasks hellaswag,arc_easy)")
+    specs = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    data: dict[str, str] = {}
+    for d in args.data:
+        name, sep, path = d.partition("=")
+        if sep and name in {s.name for s in specs}:
+            data[name] = path
+        elif len(specs) == 1:
+            data[specs[0].name] = d
+        else:
+            raise LMForgeError(f"with several tasks, --data takes TASK=PATH (got {d!r})")
+    for n in ("limit", "batch_size", "shots", "threads"):
+        v = getattr(args, n)
+        if v is not None and v < (0 if n == "shots" else 1):
+            raise LMForgeError(f"--{n.replace('_', '-')} must be {'>= 0' if n == 'shots' else 'positive'}, got {v}")
+    for spec in specs:  # fail on a missing data file before loading the model
+        resolve_data(spec, data.get(spec.name))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    lm = _load(args)
+    opt = EvalOptions(limit=args.limit, shots=args.shots, batch_size=args.batch_size, chat=args.chat, seed=args.seed,
+                      progress=not args.quiet, window=args.window, stride=args.stride)
+    doc = evaluate(lm, specs, data, opt, model_name=args.model)
+    if args.out:
+        write_run(args.out, doc)
+    print(report_card(doc), end="")
+    for name, t in doc["tasks"].items():
+        print(f"{name}: {t['n']} items in {t['seconds']:.1f}s ({t['items_per_s']} items/s)", file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}/results.json and report.md", file=sys.stderr)
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -622,6 +670,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _add_sampling(p)
     p.set_defaults(func=cmd_ask, temperature=0.0)
+
+    p = sub.add_parser("eval", help="benchmark a model (multiple choice, generative, perplexity); "
+                                    "`eval compare RUN_A RUN_B` diffs two runs")
+    p.add_argument("model", help="registry name, .gguf file or HF directory (or `compare`)")
+    p.add_argument("runs", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--tasks", help="comma-separated built-in task names or .toml spec files")
+    p.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
+                   help="the task's data file (repeatable as TASK=PATH with several tasks)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    p.add_argument("--shots", type=int, default=None, help="few-shot exemplars per item (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=16, help="items scored together (default 16)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
+    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: context)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: new tokens per window (default window/2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write results.json, report.md and samples here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,200 @@
+"""Run tasks against a loaded model: prompt building (few-shot, chat), scoring, metrics with stderr."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LMForgeError
+from ..tokenizer import Tokenizer
+from .generate import extract_answer, is_correct
+from .scoring import perplexity, score_groups
+from .tasks import Item, TaskSpec, build_items, fewshot_prefix, load_items, read_records, sample_fewshot
+
+
+@dataclass
+class EvalOptions:
+    limit: int | None = None
+    shots: int | None = None  # None: the task's default
+    batch_size: int = 16
+    chat: bool = False
+    seed: int = 1234
+    progress: bool = False
+    window: int | None = None  # perplexity: tokens per window (default: the model's context)
+    stride: int | None = None  # perplexity: new tokens per window (default: window / 2)
+
+
+def mean_stderr(xs: list[float]) -> float:
+    """Standard error of a sample mean (sample std with ddof=1, as lm-eval-harness reports it)."""
+    if len(xs) < 2:
+        return float("nan")
+    return float(np.std(xs, ddof=1) / math.sqrt(len(xs)))
+
+
+def mc_metrics(logprobs: list[list[float]], golds: list[int], choice_texts: list[list[str]]
+               ) -> dict[str, list[int]]:
+    """Per-item correctness: ``acc`` by the highest log-likelihood, ``acc_norm`` by log-likelihood divided
+    by the choice's length in characters (lm-eval-harness's definition)."""
+    acc, acc_norm = [], []
+    for ll, gold, texts in zip(logprobs, golds, choice_texts):
+        a = np.asarray(ll, dtype=np.float64)
+        lens = np.array([max(len(t), 1) for t in texts], dtype=np.float64)
+        acc.append(int(int(np.argmax(a)) == gold))
+        acc_norm.append(int(int(np.argmax(a / lens)) == gold))
+    return {"acc": acc, "acc_norm": acc_norm}
+
+
+def _prefix_id(tok: Tokenizer) -> int | None:
+    for t in (tok.bos_token, tok.eos_token):
+        if t and tok.token_to_id(t) is not None:
+            return tok.token_to_id(t)
+    return None
+
+
+def _chat_text(tok: Tokenizer, spec: TaskSpec, shots: list[Item], context: str) -> str:
+    msgs: list[dict[str, Any]] = []
+    for s in shots:
+        g = int(s.gold) if isinstance(s.gold, int) else 0
+        msgs += [{"role": "user", "content": s.contexts[g]}, {"role": "assistant", "content": s.continuations[g]}]
+    msgs.append({"role": "user", "content": context})
+    return tok.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str, special: bool = True,
+                prefix_id: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a (context, continuation) pair the way lm-eval-harness makes them: trailing context
+    whitespace moves into the continuation, and the continuation is what encoding the joined text adds
+    after the context's own tokens."""
+    n = len(context) - len(context.rstrip(" "))
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context, add_special_tokens=special) if context else []
+    whole = tok.encode(context + continuation, add_special_tokens=special)
+    cont = whole[len(ctx):]
+    if not ctx:  # nothing to condition on: start from the BOS/EOS token
+        if prefix_id is None:
+            raise LMForgeError("an empty context needs a tokenizer with a BOS or EOS token")
+        ctx = [prefix_id]
+    return ctx, cont
+
+
+def _pool(spec: TaskSpec, path: Path, items: list[Item]) -> tuple[list[Item], bool]:
+    """Few-shot exemplars: the spec's train split (resolved beside the data file) or the set itself."""
+    if spec.fewshot_data:
+        p = Path(spec.fewshot_data).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        if p.is_file():
+            return build_items(spec, read_records(spec, p)), False
+    return items, True
+
+
+def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions) -> dict[str, Any]:
+    """Evaluate one task; returns {"rows": metric rows, "samples": per-item records, "seconds", "n"}."""
+    tok: Tokenizer = lm.tokenizer
+    shots = spec.default_shots if opt.shots is None else opt.shots
+    all_items, path = load_items(spec, data)
+    items = all_items[:opt.limit] if opt.limit else all_items
+    t0 = time.perf_counter()
+    if spec.kind == "perplexity":
+        if opt.chat or shots:
+            raise LMForgeError("perplexity takes neither --chat nor --shots")
+        text = "".join(str(r.doc.get("text", "")) for r in items)
+        ids = tok.encode(text, add_special_tokens=False)
+        nll, n = perplexity(lm.model, ids, window=opt.window, stride=opt.stride, prefix_id=_prefix_id(tok),
+                            progress=opt.progress)
+        nbytes, words = len(text.encode("utf-8")), len(text.split())
+        vals = {"perplexity": math.exp(nll / n), "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
+                "word_perplexity": math.exp(nll / max(words, 1))}
+        rows = [{"task": spec.name, "metric": m, "value": v, "stderr": None, "n": n, "shots": 0}
+                for m, v in vals.items()]
+        return {"rows": rows, "samples": [{"nll": nll, "tokens": n, "bytes": nbytes, "words": words}],
+                "seconds": time.perf_counter() - t0, "n": 1, "data": str(path)}
+    pool, same = _pool(spec, path, all_items)
+    prefix_id = _prefix_id(tok)
+    if spec.kind == "multiple_choice":
+        groups = []
+        for it in items:
+            ex = sample_fewshot(pool, shots, it.index, opt.seed, same)
+            reqs = []
+            for ctx, cont in zip(it.contexts, it.continuations):
+                if opt.chat:
+                    reqs.append(encode_pair(tok, _chat_text(tok, spec, ex, ctx), cont, False, prefix_id))
+                else:
+                    reqs.append(encode_pair(tok, fewshot_prefix(spec, ex) + ctx, spec.target_delimiter + cont,
+                                            True, prefix_id))
+            groups.append(reqs)
+        pad = prefix_id or 0
+        scores = score_groups(lm.model, groups, batch_size=opt.batch_size, pad_id=pad, progress=opt.progress,
+                              desc=spec.name)
+        lls = [[s.logprob for s in g] for g in scores]
+        golds = [int(it.gold) for it in items]
+        per = mc_metrics(lls, golds, [it.choice_texts for it in items])
+        samples = [{"index": it.index, "gold": g, "logprobs": ll, "acc": a, "acc_norm": an,
+                    "greedy": [s.greedy for s in sc]}
+                   for it, g, ll, a, an, sc in zip(items, golds, lls, per["acc"], per["acc_norm"], scores)]
+    else:
+        per, samples = _run_generate(lm, spec, items, pool, same, shots, opt)
+    rows = [{"task": spec.name, "metric": m, "value": float(np.mean(v)), "stderr": mean_stderr(v), "n": len(v),
+             "shots": shots} for m, v in per.items()]
+    return {"rows": rows, "samples": samples, "seconds": time.perf_counter() - t0, "n": len(items),
+            "data": str(path)}
+
+
+def _run_generate(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], same: bool, shots: int,
+                  opt: EvalOptions) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
+    from tqdm import tqdm
+
+    from ..engine import Engine, SamplingParams
+
+    tok: Tokenizer = lm.tokenizer
+    engine = Engine(lm.model, tok, max_batch=opt.batch_size)
+    # A small context window keeps at least half of itself for the prompt.
+    max_tokens = max(1, min(spec.max_tokens, engine.context // 2))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=list(spec.stop))
+    room = engine.context - max_tokens
+    seqs = []
+    for it in items:
+        ex = sample_fewshot(pool, shots, it.index, opt.seed, same)
+        if opt.chat:
+            ids = tok.encode(_chat_text(tok, spec, ex, it.contexts[0]), add_special_tokens=False)
+        else:
+            ids = tok.encode(fewshot_prefix(spec, ex) + it.contexts[0])
+        seqs.append(engine.add(ids[-room:], params))  # keep the question, drop the oldest exemplar text
+    bar = tqdm(total=len(seqs), desc=spec.name, disable=not opt.progress, unit="item")
+    done = 0
+    while engine.has_work:
+        engine.step()
+        now = sum(s.done for s in seqs)
+        bar.update(now - done)
+        done = now
+    bar.close()
+    em, samples = [], []
+    for it, s in zip(items, seqs):
+        pred = extract_answer(s.text, spec.extract)
+        ok = int(is_correct(pred, str(it.gold), spec.extract))
+        em.append(ok)
+        samples.append({"index": it.index, "completion": s.text, "prediction": pred, "reference": str(it.gold),
+                        "exact_match": ok})
+    return {"exact_match": em}, samples
+
+
+def evaluate(lm: Any, tasks: list[TaskSpec], data: dict[str, str], opt: EvalOptions, model_name: str = ""
+             ) -> dict[str, Any]:
+    """Run several tasks; returns the results document written to results.json."""
+    out: dict[str, Any] = {"model": model_name or str(lm.path), "model_path": str(lm.path),
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "options": {k: getattr(opt, k) for k in ("limit", "shots", "batch_size", "chat", "seed")},
+                           "results": [], "tasks": {}, "samples": {}}
+    for spec in tasks:
+        r = run_task(lm, spec, data.get(spec.name), opt)
+        out["results"] += r["rows"]
+        out["tasks"][spec.name] = {"n": r["n"], "seconds": round(r["seconds"], 3), "data": r["data"],
+                                   "items_per_s": round(r["n"] / r["seconds"], 3) if r["seconds"] > 0 else None,
+                                   "source": spec.source}
+        out["samples"][spec.name] = r["samples"]
+    return out
