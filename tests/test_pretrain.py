@@ -67,6 +67,10 @@ def test_bad_inputs(data: Path, tmp_path: Path) -> None:
         Trainer(_cfg(data, tmp_path / "a", model=MODEL | {"n_heads": 3}))
     with pytest.raises(LMForgeError, match="not a prepared data directory"):
         Trainer(_cfg(tmp_path, tmp_path / "b"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metadata.json").write_text("{not json")
+    with pytest.raises(LMForgeError, match="metadata.json: invalid JSON"):
+        Trainer(_cfg(tmp_path / "broken", tmp_path / "b"))
     with pytest.raises(LMForgeError, match="nothing to resume"):
         Trainer(_cfg(data, tmp_path / "c"), resume=True)
     Trainer(_cfg(data, tmp_path / "d", max_iters=10), log=lambda s: None).fit()

@@ -7,7 +7,6 @@ a Normalize module, sentence_bert_config.json's max_seq_length); other models ge
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import LMForgeError
+from .fsutil import read_json
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -36,25 +36,18 @@ class Pooling:
             raise LMForgeError(f"unknown pooling {self.mode!r} (supported: {', '.join(POOLING_MODES)})")
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LMForgeError(f"{path}: cannot read ({e})") from None
-
-
 def read_pooling(path: str | Path) -> Pooling:
     """A model's pooling: its sentence-transformers config if it has one, else mean pooling."""
     path = Path(path)
     modules_file = path / "modules.json" if path.is_dir() else None
     if modules_file is None or not modules_file.exists():
         return Pooling("mean", False, None)
-    modules = _read(modules_file)
+    modules = read_json(modules_file)
     mode, normalize = "mean", False
     for m in modules:
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
         if kind == "Pooling":
-            pc = _read(path / m.get("path", "") / "config.json")
+            pc = read_json(path / m.get("path", "") / "config.json")
             if isinstance(pc.get("pooling_mode"), str):  # newer sentence-transformers write one name
                 chosen = [{"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max", "lasttoken": "last"}
                           .get(pc["pooling_mode"], pc["pooling_mode"])]
@@ -69,7 +62,7 @@ def read_pooling(path: str | Path) -> Pooling:
             raise LMForgeError(f"{path}: unsupported sentence-transformers module {m.get('type')!r}")
     max_length = None
     if (path / "sentence_bert_config.json").exists():
-        max_length = _read(path / "sentence_bert_config.json").get("max_seq_length")
+        max_length = read_json(path / "sentence_bert_config.json").get("max_seq_length")
     return Pooling(mode, normalize, max_length)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import LMForgeError
 
@@ -60,3 +62,14 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file, or a one-line LMForgeError naming the file (missing, unreadable or malformed)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LMForgeError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"{path}: cannot read ({e.strerror or e})") from None

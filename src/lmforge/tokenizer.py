@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LMForgeError
+from .fsutil import read_json
 
 # Turn-ending tokens across common chat formats; generation stops on any that the vocab has.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -139,11 +140,11 @@ class Tokenizer:
         hf.no_truncation()
         cfg: dict[str, Any] = {}
         if (path / "tokenizer_config.json").exists():
-            cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+            cfg = read_json(path / "tokenizer_config.json")
         template = read_chat_template(path, cfg)
         extra: list[int] = []
         if (path / "generation_config.json").exists():
-            eos = json.loads((path / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+            eos = read_json(path / "generation_config.json").get("eos_token_id")
             extra = [eos] if isinstance(eos, int) else list(eos or [])
 
         def tok(name: str) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LMForgeError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, read_json
 
 MARKER = "results.json"
 
@@ -56,10 +56,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
     f = p / MARKER if p.is_dir() else p
     if not f.is_file():
         raise LMForgeError(f"{path}: not an eval run (no {MARKER})")
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LMForgeError(f"{f}: invalid JSON ({e.msg})") from None
+    doc = read_json(f)
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         raise LMForgeError(f"{f}: not an eval results file (no results list)")
     doc["samples"] = {}

@@ -113,7 +113,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
     if not path.exists():
         raise LMForgeError(f"no such file or directory: {path}")
     if path.is_dir():
-        from .hf import config_from_hf, load_hf_weights, read_json, tensor_names
+        from ..fsutil import read_json
+        from .hf import config_from_hf, load_hf_weights, tensor_names
 
         if not (path / "config.json").exists():
             raise LMForgeError(f"{path}: not a model directory (no config.json)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,19 +10,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import LMForgeError
+from ..fsutil import read_json
 from ..model.config import ModelConfig
 
 _LLAMA_LIKE = {"llama", "mistral", "qwen2"}
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta"}
 _ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
         "gelu_fast": "gelu_tanh", "relu": "relu"}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LMForgeError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _act(name: str) -> str:

@@ -42,7 +42,8 @@ def describe(path: Path) -> dict[str, Any]:
 def _describe_hf(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
-    from .hf import _safetensors_files, config_from_hf, read_json
+    from ..fsutil import read_json
+    from .hf import _safetensors_files, config_from_hf
 
     if not (path / "config.json").exists():
         raise LMForgeError(f"{path}: not a model directory (no config.json)")

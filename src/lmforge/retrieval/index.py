@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LMForgeError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, read_json
 
 MAX_CHUNKS = 1_000_000
 INDEX_FILE = "index.json"
@@ -121,10 +121,7 @@ class Index:
         meta = path / INDEX_FILE
         if not meta.exists():
             raise LMForgeError(f"{path}: not an index (no {INDEX_FILE}; build one with `lmforge index build`)")
-        try:
-            info = json.loads(meta.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LMForgeError(f"{meta}: invalid JSON ({e.msg})") from None
+        info = read_json(meta)
         if info.get("format") != FORMAT:
             raise LMForgeError(f"{path}: not an lmforge index")
         built = info["embed_model"]

@@ -28,7 +28,7 @@ from ..embeddings import encode_texts, pad_batch, pad_id, pool, read_pooling
 from ..errors import LMForgeError
 from ..formats import load_checkpoint
 from ..formats.export import write_hf
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, read_json
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .pretrain import TrainConfig, learning_rate, make_optimizer
@@ -281,7 +281,7 @@ class Classifier:
         if not meta_file.exists():
             raise LMForgeError(f"{self.path}: not a classifier (no {CLASSIFIER_CONFIG}; "
                                "make one with `lmforge finetune classify`)")
-        self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        self.meta = read_json(meta_file)
         ck = load_checkpoint(self.path, device=device, dtype=torch.float32)
         if ck.tokenizer is None:
             raise LMForgeError(f"{self.path}: no tokenizer.json")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LMForgeError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, read_json
 from ..tokenizer import Tokenizer
 from .corpus import iter_documents
 
@@ -190,7 +190,7 @@ def _carve_val(out: Path, writers: dict[str, _ShardWriter], n: int, boundary_id:
 def load_split(data_dir: str | Path, split: str = "train") -> np.ndarray:
     """All tokens of a split as one array (memory-mapped when it is a single shard)."""
     d = Path(data_dir)
-    meta = json.loads((d / "metadata.json").read_text(encoding="utf-8"))
+    meta = read_json(d / "metadata.json")
     arrays = [np.memmap(d / s["file"], dtype=meta["dtype"], mode="r") for s in meta[split]["shards"]]
     if not arrays:
         return np.zeros(0, dtype=meta["dtype"])

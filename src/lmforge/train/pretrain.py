@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..errors import LMForgeError
 from ..formats import default_device
 from ..formats.export import write_hf
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, read_json
 from ..model import ModelConfig, Transformer
 from ..tokenizer import Tokenizer
 from .data import load_split
@@ -265,7 +265,7 @@ class Trainer:
         data = Path(cfg.data)
         if not (data / "metadata.json").exists():
             raise LMForgeError(f"{data}: not a prepared data directory (run `lmforge data prepare`)")
-        self.meta = json.loads((data / "metadata.json").read_text(encoding="utf-8"))
+        self.meta = read_json(data / "metadata.json")
         self.tokenizer = Tokenizer.from_dir(data) if (data / "tokenizer.json").exists() else None
         self.model_cfg = ModelConfig(**{"vocab_size": self.meta["vocab_size"],
                                         "context_length": cfg.block_size, **cfg.model})
