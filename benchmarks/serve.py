@@ -151,7 +151,9 @@ def main() -> None:
         else:
             port = free_port()
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                   "--n_ctx", "2048", "--n_threads", str(os.cpu_count())]
+                   "--n_ctx", "2048", "--n_threads", str(os.cpu_count()),
+                   # by default a new request cuts off the one being streamed; queue them instead
+                   "--interrupt_requests", "False"]
             results["llama.cpp"] = run_server("llama.cpp", cmd, port, str(gguf), levels, args, {})
 
     print(f"\nMachine: {machine()}. Model: {gguf.name}. {args.max_tokens} greedy tokens per request, "
