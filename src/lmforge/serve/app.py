@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import LM
 from ..engine import Engine, SamplingParams, TokenLogprob
 from ..errors import LMForgeError
+from .gate import APIError, Gate, ServerConfig, envelope, error_response
 from .metrics import Metrics
 from .scheduler import Event, Job, QueueFull, Scheduler
 from .schemas import (
@@ -38,119 +37,7 @@ from .schemas import (
     TokenizeRequest,
 )
 
-OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # no API key needed
-ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
-          "/detokenize", "/metrics", "/")
 MAX_STOP = 16
-
-
-@dataclass
-class ServerConfig:
-    model_name: str
-    api_keys: list[str] = field(default_factory=list)
-    max_batch: int = 16
-    max_queue: int = 64
-    ctx: int | None = None
-    max_body_bytes: int = 4 * 2**20
-    max_messages: int = 512
-    max_inputs: int = 256  # embeddings inputs / completion prompts per request
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's envelope."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def _envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None
-              ) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
-
-
-def _error_response(e: APIError) -> JSONResponse:
-    return _envelope(e.status, e.message, e.type, e.param, e.code)
-
-
-# -- middleware: API keys, body size, request counts ------------------------------------------------------
-class _Gate:
-    """Pure ASGI middleware, so oversized bodies are refused without ever being handed to the app."""
-
-    def __init__(self, app: Any, cfg: ServerConfig, metrics: Metrics) -> None:
-        self.app, self.cfg, self.metrics = app, cfg, metrics
-        self.keys = [k.encode() for k in cfg.api_keys]
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        auth = headers.get(b"authorization", b"")
-        scheme, _, given = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
-            given = b""
-        ok = False
-        for key in self.keys:  # no early exit: the time taken says nothing about which key is close
-            ok |= hmac.compare_digest(given.strip(), key)
-        return ok
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        status: list[int] = [0]
-
-        async def send_and_count(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self._handle(scope, receive, send_and_count, path)
-        finally:
-            self.metrics.requests.inc(endpoint=path if path in ROUTES else "other", status=str(status[0]))
-
-    async def _handle(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
-        headers = dict(scope.get("headers") or [])
-        if self.keys and path not in OPEN_PATHS and not self._authorized(headers):
-            await _envelope(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
-                            "invalid_request_error", None, "invalid_api_key")(scope, receive, send)
-            return
-        limit = self.cfg.max_body_bytes
-        too_big = _envelope(413, f"request body is larger than the {limit} bytes allowed", "invalid_request_error",
-                            None, "request_too_large")
-        try:
-            declared = int(headers.get(b"content-length", b"0") or 0)
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            await too_big(scope, receive, send)
-            return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        # Read the body here (bounded) and replay it, so a chunked body cannot grow past the limit either.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                await too_big(scope, receive, send)
-                return
-            if not message.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 # -- the server state ---------------------------------------------------------------------------------------
@@ -380,11 +267,11 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.add_middleware(_Gate, cfg=cfg, metrics=server.metrics)
+    app.add_middleware(Gate, cfg=cfg, metrics=server.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -392,21 +279,21 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         msg = err.get("msg", "invalid request")
-        return _envelope(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")
+        return envelope(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return _envelope(e.status_code, msg, "invalid_request_error" if e.status_code < 500 else "server_error",
+        return envelope(e.status_code, msg, "invalid_request_error" if e.status_code < 500 else "server_error",
                          None, "not_found" if e.status_code == 404 else None)
 
     @app.exception_handler(LMForgeError)
     async def _lmforge_error(request: Request, e: LMForgeError) -> JSONResponse:
-        return _envelope(400, str(e), "invalid_request_error")
+        return envelope(400, str(e), "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        return _envelope(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        return envelope(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     # -- plain routes ----------------------------------------------------------------------------------
     @app.get("/health")
