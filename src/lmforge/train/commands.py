@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             recipe |= tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise LMForgeError(f"{args.config}: cannot read config ({e})") from None
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -170,19 +170,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun, rank 0 alone fetches and tokenizes a raw corpus while the others wait for it.
     dist_info, _ = setup_distributed(args.device)
     data_dir = Path(args.data) if args.data and (Path(args.data) / "metadata.json").exists() else None
-    if data_dir is None and not args.resume:
-        if dist_info.main:
-            corpus = args.data
-            if not corpus and recipe.get("default_data"):
-                from ..registry import fetch_dataset
+    if data_dir is None:
+        if not args.resume:
+            if dist_info.main:
+                corpus = args.data
+                if not corpus and recipe.get("default_data"):
+                    from ..registry import fetch_dataset
 
-                corpus = str(fetch_dataset(recipe["default_data"]))
-            if not corpus:
-                raise LMForgeError("--data is required: a text/JSONL corpus or a `lmforge data prepare` directory")
-            _prepare_corpus(corpus, recipe, out)
-        barrier()
-        data_dir = out / "data"
-    elif data_dir is None:
+                    corpus = str(fetch_dataset(recipe["default_data"]))
+                if not corpus:
+                    raise LMForgeError("--data is required: a text/JSONL corpus or a `lmforge data prepare` directory")
+                _prepare_corpus(corpus, recipe, out)
+            barrier()
         data_dir = out / "data"
     recipe_only = ("tokenizer", "vocab_size", "val_fraction", "default_data")
     unknown = sorted(k for k in recipe if k not in fields and k not in recipe_only)
@@ -202,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.log(f"training {n / 1e6:.2f}M parameters on {trainer.meta['train']['tokens']:,} tokens{mode}, "
                     f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * world:,} tokens per step -> {out}")
         trainer.fit()
-        final = trainer.evaluate()
+        final = trainer.last_eval or trainer.evaluate()  # fit evaluates at its last step
         if trainer.dist.main:
             print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
             print(f"checkpoint: {sorted(out.glob('step_*'))[-1]}")

@@ -296,6 +296,7 @@ class Trainer:
         val = load_split(data, "val")
         self.val = val if len(val) > cfg.block_size + 1 else None
         self.metrics = self.out / "metrics.jsonl"
+        self.last_eval: dict[str, float] = {}  # the latest evaluation fit ran
         if resume:
             self._resume()
 
@@ -485,7 +486,8 @@ class Trainer:
             record: dict[str, Any] = {"step": self.step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
                                       "mfu": tok_s * self.flops_per_token / self.peak}
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                record |= self.evaluate()
+                self.last_eval = self.evaluate()
+                record |= self.last_eval
                 samples = self.sample()
                 if samples:
                     record["samples"] = samples
