@@ -459,3 +459,44 @@ def test_api_generate_matches_engine(lm: lmforge.LM, tmp_path: Path) -> None:
     assert out == [_engine(lm).generate([lm.tokenizer.encode(t)], SamplingParams(
         temperature=0.0, max_tokens=6, ignore_eos=True))[0].text for t in texts]
     assert lm.generate("The cat", temperature=0.0, max_tokens=6, ignore_eos=True) == out[0]
+
+
+# -- prefix reuse --------------------------------------------------------------------------------------
+def test_prefix_reuse_gives_the_same_output(lm: lmforge.LM) -> None:
+    """A prompt that starts like what a slot holds (a running sequence's prompt, a finished turn) is only
+    prefilled past that prefix, and decodes exactly as a fresh engine would."""
+    enc = lm.tokenizer.encode
+    base = enc("Hello world! This is a longer prompt")
+    first = base + enc(" for the batch")
+    eng = _engine(lm, max_batch=2)
+    params = SamplingParams(**GREEDY)
+    a = eng.add(first, params)
+    eng.step()
+    eng.step()
+    b = eng.add(base + enc(" and the cat"), params)  # shares `base` with the running sequence a
+    while not (a.done and b.done):
+        eng.step()
+    assert eng.reused_tokens >= len(base) - 1
+    assert b.output_ids == _solo(lm, b.prompt_ids)
+    # The next turn of a's conversation: its whole cached history is already in its old slot.
+    before = eng.reused_tokens
+    turn = first + a.output_ids + enc(" The cat")
+    c = eng.generate([turn], params)[0]
+    assert eng.reused_tokens - before >= len(first) + len(a.output_ids) - 1
+    assert c.output_ids == _solo(lm, turn)
+
+
+def test_prefix_reuse_when_a_slot_is_both_source_and_target(lm: lmforge.LM) -> None:
+    enc = lm.tokenizer.encode
+    p1, p2 = enc("The cat sat on the mat, then"), enc("We generate text, stream text")
+    eng = _engine(lm, max_batch=2)
+    eng.generate([p1, p2], SamplingParams(**GREEDY))
+    # Both new prompts extend p2, which only one slot holds; whichever takes that slot, the other must
+    # copy the prefix before anything is overwritten.
+    new = [p2 + enc(" and stop"), p2 + enc(" then the fish")]
+    out = eng.generate(new, SamplingParams(**GREEDY))
+    assert [s.output_ids for s in out] == [_solo(lm, p) for p in new]
+    off = _engine(lm, max_batch=2)
+    off.prefix_reuse = False
+    off.generate([p1, p2, *new], SamplingParams(**GREEDY))
+    assert off.reused_tokens == 0 and eng.reused_tokens >= 2 * (len(p2) - 1)

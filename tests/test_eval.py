@@ -254,6 +254,40 @@ def test_cli_eval_writes_run_and_compare(tiny_lm, tmp_path: Path, capsys: pytest
     assert "unknown task" in capsys.readouterr().err
 
 
+def test_interrupted_run_resumes_where_it_stopped(tiny_lm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.eval import runner
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    rows = [{"query": f"Question: item {i} is", "choices": ["the cat", "a dog", "hello world"], "gold": i % 3}
+            for i in range(10)]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec, opt = get_task("arc_easy"), EvalOptions(batch_size=4)
+    whole = run_task(tiny_lm, spec, data, EvalOptions(batch_size=4, resume=False))
+    assert whole["resumed"] == 0
+
+    calls = []
+    save = runner.Progress.append
+
+    def interrupt_after_one_batch(self, scores):
+        save(self, scores)
+        calls.append(len(scores))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Progress, "append", interrupt_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_task(tiny_lm, spec, data, opt)
+    monkeypatch.setattr(runner.Progress, "append", save)
+    saved = list((tmp_path / "home" / "eval-progress").glob("arc_easy-*.jsonl"))
+    assert calls == [4] and len(saved) == 1
+    again = run_task(tiny_lm, spec, data, opt)
+    assert again["resumed"] == 4
+    assert again["rows"] == whole["rows"]
+    assert [lp for s in again["samples"] for lp in s["logprobs"]] == pytest.approx(
+        [lp for s in whole["samples"] for lp in s["logprobs"]], abs=1e-4)
+    assert not saved[0].exists()  # a finished task leaves no progress behind
+
+
 @pytest.mark.slow
 def test_smollm2_hellaswag_matches_transformers(smollm2_path: Path, tmp_path: Path) -> None:
     """The scorer's log-likelihoods equal transformers' on the same GGUF (a few items; benchmarks/eval.py

@@ -63,6 +63,21 @@ def test_kernel_matches_dense(weight: np.ndarray, qtype: str, rows: int, act16: 
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("k", [K, 96])  # an odd number of groups too
+def test_rows_do_not_depend_on_their_batch(qtype: str, k: int, monkeypatch) -> None:
+    """With int16 activations a row's product is bit-identical alone and at any place in any batch, so a
+    request decodes the same whether it is served alone or with others."""
+    monkeypatch.setattr(kernels, "ACT16", True)
+    w = np.random.default_rng(1).standard_normal((N, k)).astype(np.float32)
+    pw = from_gguf_blocks(quantize(w, GGMLQuantizationType[qtype]), qtype, N, k)
+    x = torch.randn(MAX_ROWS, k, generator=torch.Generator().manual_seed(5))
+    alone = torch.cat([packed_matmul(x[i:i + 1], pw) for i in range(MAX_ROWS)])
+    for m in (2, 3, 5, MAX_ROWS):
+        assert torch.equal(packed_matmul(x[:m], pw), alone[:m])
+
+
+@needs_kernel
 def test_packed_linear_paths_and_staleness(weight: np.ndarray) -> None:
     pw = from_gguf_blocks(quantize(weight, GGMLQuantizationType.Q4_1), "Q4_1", N, K)
     bias = torch.randn(N)
@@ -104,11 +119,24 @@ def test_fused_ops_match_pytorch() -> None:
 
 
 @needs_kernel
-def test_attn_decode_matches_sdpa_on_cache_views() -> None:
+def test_attn_decode_rows_matches_sdpa_per_slot() -> None:
+    """Rows continuing different slots at different positions: each stores its key/value in place and
+    attends to its own slot's prefix, as SDPA over that slot would."""
     g = torch.Generator().manual_seed(1)
-    nh, nkv, hd, length, cap = 6, 2, 32, 37, 64
-    q = torch.randn(1, nh, 1, hd, generator=g)
-    cache_k, cache_v = torch.randn(2, nkv, cap, hd, generator=g), torch.randn(2, nkv, cap, hd, generator=g)
-    k, v = cache_k[1:2, :, :length], cache_v[1:2, :, :length]  # strided views into a larger cache
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(1, 1, -1)
-    torch.testing.assert_close(kernels.attn_decode(q, k, v), want, atol=1e-5, rtol=1e-5)
+    nh, nkv, hd, cap = 6, 2, 32, 64
+    kc, vc = torch.randn(4, nkv, cap, hd, generator=g), torch.randn(4, nkv, cap, hd, generator=g)
+    before_k, before_v = kc.clone(), vc.clone()
+    slots, pos = torch.tensor([3, 0, 2]), torch.tensor([36, 0, 9])
+    proj = torch.randn(3, 1, (nh + 2 * nkv) * hd, generator=g)
+    got = kernels.attn_decode_rows(proj, kc, vc, slots, pos, nh, nkv, hd)
+    for r, (s, p) in enumerate(zip(slots.tolist(), pos.tolist())):
+        q, k, v = proj[r, 0].view(nh + 2 * nkv, hd).split([nh, nkv, nkv])
+        torch.testing.assert_close(kc[s, :, p], k)
+        torch.testing.assert_close(vc[s, :, p], v)
+        keys = torch.cat([before_k[s, :, :p], k[:, None]], 1)[None]
+        vals = torch.cat([before_v[s, :, :p], v[:, None]], 1)[None]
+        want = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], keys, vals, enable_gqa=True)
+        torch.testing.assert_close(got[r, 0], want.reshape(-1), atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(4, cap, dtype=torch.bool)
+    untouched[slots, pos] = False
+    assert torch.equal(kc.transpose(1, 2)[untouched], before_k.transpose(1, 2)[untouched])

@@ -90,9 +90,22 @@ class LM:
 
 
 def load(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         max_batch: int = 8, progress: bool = False) -> LM:
-    """Load a registry name (pulled on first use), a `.gguf` file or an HF-style directory."""
+         max_batch: int = 8, progress: bool = False, adapter: str | Path | None = None) -> LM:
+    """Load a registry name (pulled on first use), a `.gguf` file or an HF-style directory.
+
+    ``adapter``: a LoRA adapter directory (lmforge's or PEFT's) to apply, merged where that keeps decoding fast.
+    An adapter directory given as the model loads the base model it names, with the adapter."""
+    from .finetune.lora import adapter_base
     from .registry import resolve
 
+    base = adapter_base(name_or_path)
+    if base is not None:
+        if adapter is not None:
+            raise LMForgeError(f"{name_or_path} is itself an adapter; pass its base model with --adapter")
+        name_or_path, adapter = base, name_or_path
     ck = load_checkpoint(resolve(str(name_or_path)), device=device, dtype=dtype, progress=progress)
+    if adapter is not None:
+        from .finetune.lora import attach_adapter
+
+        attach_adapter(ck.model, adapter)
     return LM(ck, max_batch=max_batch)

@@ -40,6 +40,11 @@ def _add_model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def _add_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a LoRA adapter directory (from `lmforge finetune sft`, or PEFT's)")
+
+
 def _sampling(args: argparse.Namespace) -> Any:
     from .engine import SamplingParams
 
@@ -64,7 +69,7 @@ def _sampling(args: argparse.Namespace) -> Any:
 def _load(args: argparse.Namespace) -> Any:
     from .api import load
 
-    return load(args.model, device=args.device, progress=sys.stderr.isatty())
+    return load(args.model, device=args.device, progress=sys.stderr.isatty(), adapter=getattr(args, "adapter", None))
 
 
 # -- commands ------------------------------------------------------------------------------------------
@@ -145,12 +150,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise LMForgeError(f"--port must be between 0 and 65535, got {args.port}")
     keys = list(args.api_key) or [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
-    lm = load(args.model, device=args.device, max_batch=1, progress=sys.stderr.isatty())
+    lm = load(args.model, device=args.device, max_batch=1, progress=sys.stderr.isatty(), adapter=args.adapter)
     cfg = ServerConfig(model_name=model_name_for(args.model), api_keys=keys, max_batch=args.max_batch,
                        max_queue=args.max_queue, ctx=args.ctx)
     print(f"serving {cfg.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1)",
           file=sys.stderr)
     serve(lm, cfg, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .finetune.lora import merge_to_hf
+
+    print(f"wrote {merge_to_hf(args.model, args.adapter, args.out, device=args.device)}")
     return 0
 
 
@@ -306,15 +318,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     lm = _load(args)
     opt = EvalOptions(limit=args.limit, shots=args.shots, batch_size=args.batch_size, chat=args.chat, seed=args.seed,
-                      progress=not args.quiet, window=args.window, stride=args.stride)
+                      progress=not args.quiet, window=args.window, stride=args.stride, resume=not args.fresh)
     doc = evaluate(lm, specs, data, opt, model_name=args.model)
     if args.out:
         write_run(args.out, doc)
     print(report_card(doc), end="")
     for name, t in doc["tasks"].items():
-        print(f"{name}: {t['n']} items in {t['seconds']:.1f}s ({t['items_per_s']} items/s)", file=sys.stderr)
+        again = f", {t['resumed']} of them from an interrupted run" if t.get("resumed") else ""
+        print(f"{name}: {t['n']} items in {t['seconds']:.1f}s ({t['items_per_s']} items/s{again})", file=sys.stderr)
     if args.out:
         print(f"wrote {args.out}/results.json and report.md", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .formats.export import export_model
+
+    fmt, out = args.to
+    r = export_model(args.model, fmt, out, args.quant, progress=sys.stderr.isatty())
+    types = ", ".join(f"{n} {t}" for t, n in sorted(r.tensor_types.items()))
+    print(f"wrote {r.path} ({r.format}, {r.size / 2**20:.1f} MB, {r.tensors} tensors: {types})")
     return 0
 
 
@@ -352,12 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--logprobs", action="store_true", help="print per-token logprobs to stderr")
     p.add_argument("--top-logprobs", type=int, default=0, help="alternatives per token with --logprobs")
+    _add_adapter(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model (interactive, or answers piped stdin)")
     _add_model_opts(p, optional=True)
     p.add_argument("--system", default=None, help="system prompt")
+    _add_adapter(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
@@ -371,7 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="sequences that may wait for a slot before requests get 429 (default 64)")
     p.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: the model's)")
+    _add_adapter(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and write an HF directory")
+    _add_model_opts(p)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output HF directory (replaced atomically)")
+    p.set_defaults(func=cmd_merge)
 
     from .train.commands import add_parsers as add_training_parsers
 
@@ -422,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the head sees the text (default: the encoder's pooling; last token for decoders)")
     f.add_argument("--seed", type=int, default=0, help="seed for shuffling, subsets and the head (default 0)")
     f.set_defaults(func=cmd_finetune_classify)
+    from .finetune.commands import add_parsers as add_finetune_parsers
+
+    add_finetune_parsers(fsub)
 
     p = sub.add_parser("index", help="semantic search indexes over a folder of documents")
     isub = p.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
@@ -471,8 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--out", default=None, metavar="DIR", help="write results.json, report.md and samples here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--fresh", action="store_true",
+                   help="score every item again instead of resuming an interrupted run of the same evaluation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a model as an HF directory or a GGUF file (llama.cpp, Ollama)")
+    p.add_argument("model", help="registry name, .gguf file or HF directory (e.g. a training checkpoint)")
+    p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"),
+                   help="`hf DIR` or `gguf FILE.gguf` (replaced atomically)")
+    p.add_argument("--quant", default=None, help="GGUF matrix type: f16 (default), q8_0, q4_1 or f32")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

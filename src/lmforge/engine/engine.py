@@ -3,6 +3,10 @@
 `Engine.step()` is the unit a scheduler calls in a loop: admitted sequences are prefilled together,
 otherwise every running sequence advances by one token in one forward pass. Sequences join and
 leave between steps, each with its own sampling parameters and KV slot.
+
+A slot keeps its keys and values after its sequence leaves. A new prompt that starts like what some
+slot holds (a shared system prompt, the earlier turns of a chat) reuses that prefix: it is copied
+into the new sequence's slot (or is already there) and only the rest of the prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class Engine:
         self.cache: KVCache | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
+        self.holder: dict[int, Sequence] = {}  # slot -> the sequence whose keys/values it holds
+        self.prefix_reuse = True
+        self.reused_tokens = 0  # prompt tokens not prefilled thanks to prefix reuse (a statistic)
 
     # -- requests ----------------------------------------------------------------------------------
     def add(self, prompt_ids: Seq[int], params: SamplingParams | None = None) -> Sequence:
@@ -134,22 +141,60 @@ class Engine:
         free = [s for s in range(self.max_batch) if s not in self.running]
         if self.waiting and free:
             batch = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-            for seq, slot in zip(batch, free):
-                seq.slot = slot
-                self.running[slot] = seq
+            self._place(batch, free)
             return self._prefill(batch)
         if self.running:
             return self._decode(sorted(self.running.values(), key=lambda s: s.slot))
         return []
 
+    @staticmethod
+    def _shared(seq: Sequence, holder: Sequence | None) -> int:
+        """How many leading prompt tokens `holder`'s cached keys/values cover (at most all but one, so the
+        prompt's last token always runs and yields the first logits)."""
+        if holder is None:
+            return 0
+        held = holder.prompt_ids + holder.output_ids
+        n = min(holder.cached, len(held), len(seq.prompt_ids) - 1)
+        i = 0
+        while i < n and held[i] == seq.prompt_ids[i]:
+            i += 1
+        return i
+
+    def _place(self, batch: list[Sequence], free: list[int]) -> None:
+        """Give each admitted sequence a free slot, preferring one that already holds its prompt's start,
+        and copy the longest matching prefix any slot holds into it."""
+        copies: list[tuple[int, int, int]] = []  # (source slot, target slot, tokens)
+        sources = dict(self.holder)  # what every slot holds before this batch overwrites anything
+        for seq in batch:
+            own = {slot: self._shared(seq, sources.get(slot)) for slot in free} if self.prefix_reuse else {}
+            slot = max(free, key=lambda sl: own.get(sl, 0))
+            free.remove(slot)
+            seq.slot, self.running[slot], self.holder[slot] = slot, seq, seq
+            n = own.get(slot, 0)
+            if self.prefix_reuse:
+                src, best = max(((sl, self._shared(seq, h)) for sl, h in sources.items()), key=lambda x: x[1],
+                                default=(slot, 0))
+                if best > n:
+                    copies.append((src, slot, best))
+                    n = best
+            seq.cached = n
+            self.reused_tokens += n
+        if copies and self.cache is not None:
+            # Read every source before writing any target: a slot may be both in one batch.
+            parts = [(dst, n, self.cache.k[:, src, :, :n].clone(), self.cache.v[:, src, :, :n].clone())
+                     for src, dst, n in copies]
+            for dst, n, k, v in parts:
+                self.cache.k[:, dst, :, :n] = k
+                self.cache.v[:, dst, :, :n] = v
+
     def _prefill(self, batch: list[Sequence]) -> list[tuple[Sequence, str]]:
         self._ensure_cache(max(s.num_tokens + s.max_tokens for s in batch))
-        lengths = [len(s.prompt_ids) for s in batch]
-        t = max(lengths)
-        tokens = torch.zeros(len(batch), t, dtype=torch.long)
-        for i, s in enumerate(batch):
-            tokens[i, : lengths[i]] = torch.tensor(s.prompt_ids)
-        logits = self.model(tokens.to(self.device), cache=self.cache, start_pos=[0] * len(batch),
+        rest = [s.prompt_ids[s.cached:] for s in batch]  # what prefix reuse left to run
+        lengths = [len(r) for r in rest]
+        tokens = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+        for i, r in enumerate(rest):
+            tokens[i, : lengths[i]] = torch.tensor(r)
+        logits = self.model(tokens.to(self.device), cache=self.cache, start_pos=[s.cached for s in batch],
                             slots=[s.slot for s in batch], last_index=torch.tensor(lengths, device=self.device) - 1)
         for s in batch:
             s.cached = len(s.prompt_ids)

@@ -28,6 +28,7 @@ class KVCache:
         self._rows: slice | torch.Tensor = slice(0, 0)
         self._cols: slice | torch.Tensor = slice(0, 0)
         self._kv_len = 0
+        self.decode_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, positions) of a decode step
 
     @property
     def nbytes(self) -> int:
@@ -52,6 +53,10 @@ class KVCache:
             self._row_idx = torch.tensor(rows, device=dev)[:, None]
             self._scatter = True
         self._kv_len = kv_len
+        # A one-token step (decode) on CPU fp32 stores and attends in one C call, per row, in place.
+        self.decode_rows = None
+        if t == 1 and self.k.dtype == torch.float32 and dev.type == "cpu":
+            self.decode_rows = (torch.tensor(rows, dtype=torch.int64), torch.tensor(start, dtype=torch.int64))
         return kv_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

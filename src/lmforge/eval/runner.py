@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ import numpy as np
 from ..errors import LMForgeError
 from ..tokenizer import Tokenizer
 from .generate import extract_answer, is_correct
-from .scoring import perplexity, score_groups
+from .scoring import Score, perplexity, score_groups
 from .tasks import Item, TaskSpec, build_items, fewshot_prefix, load_items, read_records, sample_fewshot
 
 
@@ -27,6 +30,49 @@ class EvalOptions:
     progress: bool = False
     window: int | None = None  # perplexity: tokens per window (default: the model's context)
     stride: int | None = None  # perplexity: new tokens per window (default: window / 2)
+    resume: bool = True  # continue an interrupted multiple-choice run from its saved scores
+
+
+def _stamp(path: str | Path) -> list[Any]:
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+
+
+class Progress:
+    """Scores of the items a multiple-choice run has finished, appended as it goes, so running the same
+    evaluation again (same model file, data, task and options) continues where it stopped. The file
+    lives under $LMFORGE_HOME/eval-progress and is removed when the task completes."""
+
+    def __init__(self, lm: Any, spec: TaskSpec, path: Path, opt: EvalOptions, shots: int) -> None:
+        from .. import __version__
+        from ..registry import home
+
+        key = {"version": __version__, "model": _stamp(lm.path), "data": _stamp(path), "task": spec.name,
+               "source": spec.source, "shots": shots, "seed": opt.seed, "chat": opt.chat, "limit": opt.limit}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = home() / "eval-progress" / f"{spec.name}-{digest}.jsonl"
+
+    def load(self) -> dict[int, list[Score]]:
+        done: dict[int, list[Score]] = {}
+        if not self.path.is_file():
+            return done
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:  # a line cut short by an interruption is simply scored again
+                rec = json.loads(line)
+                done[int(rec["i"])] = [Score(float(lp), bool(g), int(n)) for lp, g, n in rec["s"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+        return done
+
+    def append(self, scores: dict[int, list[Score]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for i, sc in scores.items():
+                f.write(json.dumps({"i": i, "s": [[x.logprob, x.greedy, x.tokens] for x in sc]}) + "\n")
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def mean_stderr(xs: list[float]) -> float:
@@ -129,8 +175,15 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
                                             True, prefix_id))
             groups.append(reqs)
         pad = prefix_id or 0
+        saved = Progress(lm, spec, path, opt, shots)
+        if not opt.resume:
+            saved.clear()
+        done = {i: sc for i, sc in saved.load().items() if i < len(groups)}
+        if done and opt.progress:
+            print(f"{spec.name}: resuming, {len(done)} of {len(groups)} items already scored", file=sys.stderr)
         scores = score_groups(lm.model, groups, batch_size=opt.batch_size, pad_id=pad, progress=opt.progress,
-                              desc=spec.name)
+                              desc=spec.name, done=done, on_batch=saved.append)
+        saved.clear()
         lls = [[s.logprob for s in g] for g in scores]
         golds = [int(it.gold) for it in items]
         per = mc_metrics(lls, golds, [it.choice_texts for it in items])
@@ -138,11 +191,12 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
                     "greedy": [s.greedy for s in sc]}
                    for it, g, ll, a, an, sc in zip(items, golds, lls, per["acc"], per["acc_norm"], scores)]
     else:
+        done = {}
         per, samples = _run_generate(lm, spec, items, pool, same, shots, opt)
     rows = [{"task": spec.name, "metric": m, "value": float(np.mean(v)), "stderr": mean_stderr(v), "n": len(v),
              "shots": shots} for m, v in per.items()]
     return {"rows": rows, "samples": samples, "seconds": time.perf_counter() - t0, "n": len(items),
-            "data": str(path)}
+            "data": str(path), "resumed": len(done)}
 
 
 def _run_generate(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], same: bool, shots: int,
@@ -193,8 +247,9 @@ def evaluate(lm: Any, tasks: list[TaskSpec], data: dict[str, str], opt: EvalOpti
     for spec in tasks:
         r = run_task(lm, spec, data.get(spec.name), opt)
         out["results"] += r["rows"]
+        scored = r["n"] - r.get("resumed", 0)  # items/s counts only what this run scored
         out["tasks"][spec.name] = {"n": r["n"], "seconds": round(r["seconds"], 3), "data": r["data"],
-                                   "items_per_s": round(r["n"] / r["seconds"], 3) if r["seconds"] > 0 else None,
-                                   "source": spec.source}
+                                   "items_per_s": round(scored / r["seconds"], 3) if r["seconds"] > 0 else None,
+                                   "resumed": r.get("resumed", 0), "source": spec.source}
         out["samples"][spec.name] = r["samples"]
     return out

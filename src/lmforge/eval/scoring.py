@@ -9,7 +9,7 @@ rows. Log-softmax is taken only at the positions that predict continuation token
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,12 +98,15 @@ def _forward_rows(model: Transformer, cache: KVCache, rows: list[tuple[int, int,
 @torch.inference_mode()
 def score_groups(model: Transformer, groups: Sequence[Sequence[Request]], batch_size: int = 16,
                  max_len: int | None = None, pad_id: int = 0, progress: bool = False, desc: str = "scoring",
-                 token_budget: int = 768) -> list[list[Score]]:
+                 token_budget: int = 768, done: dict[int, list[Score]] | None = None,
+                 on_batch: Callable[[dict[int, list[Score]]], None] | None = None) -> list[list[Score]]:
     """Score every request of every group; a group (one item's choices) shares its common context prefix.
 
     ``batch_size`` is the number of groups sharing a KV cache; their rows run length-sorted in forwards
     of about ``token_budget`` padded tokens. Requests are scored exactly as a full
     forward over context + continuation would score them (up to float rounding).
+    ``done`` holds scores of groups already scored (a resumed run): they are not run again.
+    ``on_batch`` receives each batch's new scores, by group index, as soon as they exist.
     """
     from tqdm import tqdm
 
@@ -121,11 +124,14 @@ def score_groups(model: Transformer, groups: Sequence[Sequence[Request]], batch_
         p = min(_common_prefix([c for c, _ in reqs]), min(len(c) for c, _ in reqs) - 1)
         rows = [c[p:] + x[:-1] for c, x in reqs]
         prepared.append((reqs, p, rows))
+    done = done or {}
     # Similar lengths together: less padding.
-    order = sorted(range(len(prepared)), key=lambda i: (max(len(r) for r in prepared[i][2]), prepared[i][1]))
-    out: list[list[Score]] = [[] for _ in groups]
+    order = sorted((i for i in range(len(prepared)) if i not in done),
+                   key=lambda i: (max(len(r) for r in prepared[i][2]), prepared[i][1]))
+    out: list[list[Score]] = [list(done[i]) if i in done else [] for i in range(len(groups))]
     cache: KVCache | None = None
-    bar = tqdm(total=len(groups), desc=desc, disable=not progress, unit="item", mininterval=2.0)
+    bar = tqdm(total=len(groups), initial=len(groups) - len(order), desc=desc, disable=not progress, unit="item",
+               mininterval=2.0)
     for b0 in range(0, len(order), batch_size):
         idx = order[b0:b0 + batch_size]
         batch = [prepared[i] for i in idx]
@@ -169,6 +175,8 @@ def score_groups(model: Transformer, groups: Sequence[Sequence[Request]], batch_
                 n = len(x)
                 out[gi].append(Score(math.fsum(lp[k:k + n]), all(hit[k:k + n]), n))
                 k += n
+        if on_batch is not None:
+            on_batch({gi: out[gi] for gi in idx})
         bar.update(len(idx))
     bar.close()
     return out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -18,6 +19,9 @@ from ..errors import LMForgeError
 from ..fsutil import atomic_dir
 from ..model import ModelConfig, Transformer
 from ..tokenizer import CHATML_TEMPLATE, Tokenizer
+
+if TYPE_CHECKING:
+    from . import Checkpoint
 
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
@@ -187,3 +191,67 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | None
     with atomic_dir(out_dir) as tmp:
         write_hf(model, tmp, tokenizer, dtype)
     return Path(out_dir).expanduser()
+
+
+# -- `lmforge export` ----------------------------------------------------------------------------------
+EXPORT_FORMATS = ("hf", "gguf")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str  # "hf" | "gguf"
+    size: int  # bytes written
+    tensors: int
+    tensor_types: dict[str, int]
+
+
+def export_model(source: Any, to: str, out: str | Path, quant: str | None = None,
+                 progress: bool = False) -> ExportResult:
+    """Write a model as an HF directory (``to="hf"``) or a GGUF file (``to="gguf"``, ``quant`` f16 by default).
+
+    ``source`` is a registry name, a `.gguf` file or an HF directory (our training checkpoints are
+    HF directories), or an already loaded `lmforge.LM` / `Checkpoint`. Everything is checked before
+    anything is written, and the output replaces any old one atomically.
+    """
+    from .gguf_write import check_quant, write_gguf
+
+    fmt = to.lower()
+    if fmt not in EXPORT_FORMATS:
+        raise LMForgeError(f"unknown export format {to!r} (supported: {', '.join(EXPORT_FORMATS)})")
+    if fmt == "hf" and quant is not None:
+        raise LMForgeError("--quant applies to GGUF export only (an HF export is float32 safetensors)")
+    q = check_quant(quant or "f16") if fmt == "gguf" else None
+    dest = Path(out).expanduser()
+    if fmt == "gguf" and dest.suffix.lower() != ".gguf":
+        raise LMForgeError(f"{dest}: a GGUF output file must end in .gguf")
+    ck = _checkpoint(source, progress)
+    if fmt == "hf":
+        path = save_hf(ck.model, dest, ck.tokenizer)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        n = sum(1 for _ in hf_tensors(ck.model))
+        return ExportResult(path, "hf", size, n, {"F32": n})
+    if ck.tokenizer is None:
+        raise LMForgeError(f"{ck.path}: the model has no tokenizer (tokenizer.json), and a GGUF file must carry one")
+    pre, name = None, ck.path.name
+    if ck.format == "gguf":  # keep the source file's pre-tokenizer name and model name
+        from .gguf import GGUFFile
+
+        meta = GGUFFile(ck.path).meta
+        pre, name = meta.get("tokenizer.ggml.pre"), meta.get("general.name") or ck.path.stem
+    assert q is not None
+    r = write_gguf(ck.model, ck.tokenizer, dest, q, name=name, pre=pre, progress=progress)
+    return ExportResult(r.path, "gguf", r.size, r.tensors, r.tensor_types)
+
+
+def _checkpoint(source: Any, progress: bool) -> Checkpoint:
+    from . import Checkpoint, load_checkpoint
+
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(getattr(source, "checkpoint", None), Checkpoint):  # an lmforge.LM
+        return source.checkpoint
+    from ..registry import resolve
+
+    # Dense fp32 weights on the CPU: re-quantizing starts from the exact values, not from packed codes.
+    return load_checkpoint(resolve(str(source)), device="cpu", dtype=torch.float32, packed=False, progress=progress)

@@ -133,6 +133,11 @@ class Attention(nn.Module):
         fast = kernels.fast_path(proj)
         if rope is not None and fast:  # q and k rotate in place, in one C call
             kernels.rope_(proj, rope[0], rope[1], nqk, self.head_dim)
+        rows = getattr(cache, "decode_rows", None) if fast and t == 1 else None
+        if rows is not None:  # decode: store this token's key/value and attend, every row in one C call
+            y = kernels.attn_decode_rows(proj, cache.k[self.layer], cache.v[self.layer], *rows, self.n_heads,
+                                         self.n_kv_heads, self.head_dim)
+            return self.o(y)
         heads = proj.view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, q+k+v heads, t, hd]
         qk, v = heads[:, :nqk], heads[:, nqk:]
         if rope is not None and not fast:  # q and k rotate together: half the ops of rotating each
@@ -140,8 +145,6 @@ class Attention(nn.Module):
         q, k = qk[:, :nq], qk[:, nq:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if fast and b == 1 and t == 1 and mask is None and k.stride(-2) == self.head_dim:
-            return self.o(kernels.attn_decode(q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
         )

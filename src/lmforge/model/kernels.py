@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .quant import PackedWeight
 
 GROUP = 32  # weights per quantization group (GGUF's block size)
-MAX_ROWS = 8  # rows the packed products take; larger batches are compute-bound and go to dense matmuls
+MAX_ROWS = 16  # rows the packed products take; larger batches are compute-bound and go to dense matmuls
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 # Packed products round each group of 32 activations to int16 (scale = group max / 32767), so integer
@@ -65,7 +65,7 @@ def lib() -> ctypes.CDLL | None:
         "q4_gemv": [p, p, p, p, p, i64, i64, i64, i32], "q4_gemv16": [p, p, p, p, p, i64, i64, i64, i32],
         "q8_gemv": [p, p, p, p, i64, i64, i64, i32], "q8_gemv16": [p, p, p, p, i64, i64, i64, i32],
         "rms_norm": [p, p, p, i64, i64, f32], "swiglu": [p, p, i64, i64],
-        "rope_inplace": [p, p, p, i64, i64, i64, i64], "attn_decode": [p, p, p, p, i64, i64, i64, i64, i64, f32, i32],
+        "rope_inplace": [p, p, p, i64, i64, i64, i64], "attn_decode_rows": [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i32],
     }
     for name, args in signatures.items():
         fn = getattr(so, name)
@@ -121,11 +121,15 @@ def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, h
                        qkv.shape[-1] // head_dim, n_rot, head_dim)
 
 
-def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one query token: q [1, nh, 1, hd]; k, v [1, nkv, L, hd] cache views with unit row stride."""
-    _, nh, _, hd = q.shape
-    q = q.contiguous()
-    out = torch.empty(1, 1, nh * hd, dtype=torch.float32)
-    lib().attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), nh, k.shape[1], k.shape[2],
-                      k.stride(1), hd, hd ** -0.5, THREADS)
+def attn_decode_rows(proj: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     pos: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """One decode step's attention for b rows: proj [b, 1, (nh + 2 nkv) * hd] (q, k, v; rope applied),
+    k_cache / v_cache one layer [slots, nkv, cap, hd]. Stores each row's key/value at ``pos`` of its slot
+    and attends to that slot's positions 0..pos; returns [b, 1, nh * hd]."""
+    b = proj.shape[0]
+    proj = proj.contiguous()
+    out = torch.empty(b, 1, n_heads * head_dim, dtype=torch.float32)
+    lib().attn_decode_rows(proj.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), pos.data_ptr(),
+                           out.data_ptr(), b, n_heads, n_kv_heads, k_cache.shape[2], head_dim, head_dim ** -0.5,
+                           THREADS)
     return out

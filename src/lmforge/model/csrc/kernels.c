@@ -11,8 +11,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-#define MAX_ROWS 8  /* must match quant.py */
+#define MAX_ROWS 16  /* must match quant.py */
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -182,16 +183,89 @@ static inline float q8_dot16(const int8_t *row, const float *sc, const int16_t *
     return hsum(_mm256_add_ps(acc0, acc1));
 }
 
+/* Several activation rows: each group's codes are decoded once and used for a tile of T rows (T is a
+ * constant at every call, so the row loop unrolls and the accumulators stay in registers). Every row
+ * goes through exactly the arithmetic of a one-row product (two accumulators alternating groups, then
+ * the zero-point term sum_g zero[g] * xsum[m, g]), so a row's result never depends on its batch. */
+static inline __attribute__((always_inline)) __m256 q4_group16(__m128i raw, const int16_t *xp) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+    __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
+                                               _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)))));
+}
+
+static inline __attribute__((always_inline)) void q4_tile16(const uint8_t *row, const float *sc, const float *ze,
+                                                            Act16 a, float *y, int64_t m0, int64_t N, int64_t n,
+                                                            int64_t K, const int T) {
+    const int64_t G = K / 32;
+    __m256 acc0[4], acc1[4];
+    for (int i = 0; i < T; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+        __m128i r0 = _mm_loadu_si128((const __m128i *)(row + g * 16)), r1 = _mm_loadu_si128((const __m128i *)(row + g * 16 + 16));
+        for (int i = 0; i < T; i++) {
+            const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
+            const float *d = a.dx + (m0 + i) * G + g;
+            acc0[i] = _mm256_fmadd_ps(q4_group16(r0, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(q4_group16(r1, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
+        }
+    }
+    if (g < G) {
+        __m128i r0 = _mm_loadu_si128((const __m128i *)(row + g * 16));
+        for (int i = 0; i < T; i++)
+            acc0[i] = _mm256_fmadd_ps(q4_group16(r0, a.xq + (m0 + i) * K + g * 32),
+                                      _mm256_set1_ps(sc[g] * a.dx[(m0 + i) * G + g]), acc0[i]);
+    }
+    for (int i = 0; i < T; i++) {
+        const float *xs = a.xsum + (m0 + i) * G;
+        float z = 0.f;
+        for (int64_t j = 0; j < G; j++) z += ze[j] * xs[j];
+        y[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + z;
+    }
+}
+
 void q4_gemv16(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
                int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t G = K / 32;
     Act16 a = act16(x, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = q4_dot16(codes + n * (K / 2), scale + n * G, zero + n * G, a.xq + m * K, a.dx + m * G,
-                                    a.xsum + m * G, G);
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * (K / 2);
+        const float *sc = scale + n * G, *ze = zero + n * G;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) q4_tile16(row, sc, ze, a, y, m, N, n, K, 4);
+        if (m + 2 <= M) { q4_tile16(row, sc, ze, a, y, m, N, n, K, 2); m += 2; }
+        if (m < M) q4_tile16(row, sc, ze, a, y, m, N, n, K, 1);
+    }
     act16_free(a);
+}
+
+static inline __attribute__((always_inline)) __m256 q8_group16(const int8_t *b, const int16_t *xp) {
+    __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
+    __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
+                                               _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)))));
+}
+
+static inline __attribute__((always_inline)) void q8_tile16(const int8_t *row, const float *sc, Act16 a, float *y,
+                                                            int64_t m0, int64_t N, int64_t n, int64_t K, const int T) {
+    const int64_t G = K / 32;
+    __m256 acc0[4], acc1[4];
+    for (int i = 0; i < T; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2)
+        for (int i = 0; i < T; i++) {
+            const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
+            const float *d = a.dx + (m0 + i) * G + g;
+            acc0[i] = _mm256_fmadd_ps(q8_group16(row + g * 32, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(q8_group16(row + g * 32 + 32, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
+        }
+    if (g < G)
+        for (int i = 0; i < T; i++)
+            acc0[i] = _mm256_fmadd_ps(q8_group16(row + g * 32, a.xq + (m0 + i) * K + g * 32),
+                                      _mm256_set1_ps(sc[g] * a.dx[(m0 + i) * G + g]), acc0[i]);
+    for (int i = 0; i < T; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
 void q8_gemv16(const float *x, const int8_t *codes, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
@@ -199,9 +273,14 @@ void q8_gemv16(const float *x, const int8_t *codes, const float *scale, float *y
     const int64_t G = K / 32;
     Act16 a = act16(x, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = q8_dot16(codes + n * K, scale + n * G, a.xq + m * K, a.dx + m * G, G);
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = codes + n * K;
+        const float *sc = scale + n * G;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) q8_tile16(row, sc, a, y, m, N, n, K, 4);
+        if (m + 2 <= M) { q8_tile16(row, sc, a, y, m, N, n, K, 2); m += 2; }
+        if (m < M) q8_tile16(row, sc, a, y, m, N, n, K, 1);
+    }
     act16_free(a);
 }
 
@@ -244,24 +323,44 @@ void rope_inplace(float *x, const float *cos, const float *sin, int64_t rows, in
     }
 }
 
-/* One query token against kv_len cached keys/values (grouped-query attention).
- * q, out: [nh, hd]; k, v: head h's kv head starts at k + (h / (nh / nkv)) * head_stride, one row per position. */
-void attn_decode(const float *q, const float *k, const float *v, float *out, int64_t nh, int64_t nkv,
-                 int64_t kv_len, int64_t head_stride, int64_t hd, float scale, int threads) {
-    const int64_t group = nh / nkv;
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float d = 0.f;
+    if (n % 8 == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        return hsum(acc);
+    }
+    for (; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
+/* One decode step of attention for b rows, each continuing its own KV-cache slot (grouped-query).
+ * proj [b, (nh + 2 nkv) * hd]: each row's q, k, v heads, rope already applied. kc, vc: one layer of the
+ * cache, [slots, nkv, cap, hd]. Row r's new key/value is stored at position pos[r] of slot slots[r],
+ * then its query attends to positions 0..pos[r] of that slot. out: [b, nh * hd]. */
+void attn_decode_rows(const float *proj, float *kc, float *vc, const int64_t *slots, const int64_t *pos, float *out,
+                      int64_t b, int64_t nh, int64_t nkv, int64_t cap, int64_t hd, float scale, int threads) {
+    const int64_t group = nh / nkv, width = (nh + 2 * nkv) * hd;
+    for (int64_t r = 0; r < b; r++)
+        for (int64_t h = 0; h < nkv; h++) {
+            int64_t at = ((slots[r] * nkv + h) * cap + pos[r]) * hd;
+            memcpy(kc + at, proj + r * width + (nh + h) * hd, sizeof(float) * hd);
+            memcpy(vc + at, proj + r * width + (nh + nkv + h) * hd, sizeof(float) * hd);
+        }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t h = 0; h < nh; h++) {
-        const float *qh = q + h * hd, *kh = k + (h / group) * head_stride, *vh = v + (h / group) * head_stride;
-        float *sc = malloc(sizeof(float) * kv_len), mx = -INFINITY, sum = 0.f;
-        for (int64_t j = 0; j < kv_len; j++) {
-            float d = 0.f;
-            for (int64_t i = 0; i < hd; i++) d += qh[i] * kh[j * hd + i];
-            sc[j] = d * scale;
+    for (int64_t rh = 0; rh < b * nh; rh++) {
+        const int64_t r = rh / nh, h = rh % nh, len = pos[r] + 1;
+        const float *qh = proj + r * width + h * hd;
+        const float *kh = kc + (slots[r] * nkv + h / group) * cap * hd, *vh = vc + (slots[r] * nkv + h / group) * cap * hd;
+        float *sc = malloc(sizeof(float) * len), mx = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < len; j++) {
+            sc[j] = dot(qh, kh + j * hd, hd) * scale;
             mx = sc[j] > mx ? sc[j] : mx;
         }
-        float *o = out + h * hd;
+        float *o = out + r * nh * hd + h * hd;
         for (int64_t i = 0; i < hd; i++) o[i] = 0.f;
-        for (int64_t j = 0; j < kv_len; j++) {
+        for (int64_t j = 0; j < len; j++) {
             float w = expf(sc[j] - mx);
             sum += w;
             for (int64_t i = 0; i < hd; i++) o[i] += w * vh[j * hd + i];

@@ -1,0 +1,110 @@
+"""The fine-tuning commands: `lmforge finetune sft`, `finetune dpo` and `finetune reward`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import LMForgeError
+
+
+def add_parsers(fsub: Any) -> None:
+    """Add sft, dpo and reward to the `lmforge finetune` subcommand parser."""
+    f = fsub.add_parser("sft", help="instruction tuning on Alpaca, chat (messages) or ShareGPT data")
+    _common(f, "instruction data: .json/.jsonl (optionally .gz) in alpaca, chatml or sharegpt format")
+    f.add_argument("--format", default="auto", choices=("auto", "alpaca", "chatml", "sharegpt"),
+                   help="data format (default auto: from the fields)")
+    f.set_defaults(func=cmd_sft)
+
+    f = fsub.add_parser("dpo", help="direct preference optimization on {prompt, chosen, rejected} or HH-RLHF data")
+    _common(f, "preference data: {prompt, chosen, rejected} JSONL (strings or message lists) or HH-RLHF {chosen, "
+               "rejected} transcripts")
+    f.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (default 0.1)")
+    f.set_defaults(func=cmd_dpo)
+
+    f = fsub.add_parser("reward", help="train a reward model (base + scalar head) on preference pairs")
+    _common(f, "preference data, as for `finetune dpo`")
+    f.set_defaults(func=cmd_reward)
+
+
+def _common(f: argparse.ArgumentParser, data_help: str) -> None:
+    f.add_argument("model", help="registry name, .gguf file or HF directory")
+    f.add_argument("--data", required=True, metavar="FILE", help=data_help)
+    f.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory: step_* checkpoints, metrics.jsonl and final/")
+    f.add_argument("--method", default="full", choices=("full", "lora", "qlora"),
+                   help="full: every weight; lora: low-rank adapters; qlora: adapters on an NF4 base (default full)")
+    f.add_argument("--lora-r", type=int, default=8, help="adapter rank (default 8)")
+    f.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
+    f.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default 0)")
+    f.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated layer-name suffixes (default qkv,o,gate_up,down)")
+    f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
+    f.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    f.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default 4)")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    f.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: by method and command, e.g. sft 2e-5 full, 2e-4 LoRA)")
+    f.add_argument("--warmup", type=float, default=0.03, metavar="FRACTION",
+                   help="warmup as a fraction of the steps, then cosine decay to lr/10 (default 0.03)")
+    f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    f.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the model's context)")
+    f.add_argument("--overlong", default="truncate", choices=("truncate", "skip"),
+                   help="longer examples: cut at --max-length or drop (default truncate)")
+    f.add_argument("--val-fraction", type=float, default=0.05, help="examples held out for validation (default 0.05)")
+    f.add_argument("--eval-every", type=int, default=50, help="steps between validations (default 50)")
+    f.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    f.add_argument("--samples", type=int, default=2, help="held-out prompts generated at each validation (default 2)")
+    f.add_argument("--seed", type=int, default=0, help="seed for the split, data order and init (default 0)")
+    f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    f.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .sft import FinetuneConfig
+
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
+    if args.lora_targets is not None and not targets:
+        raise LMForgeError("--lora-targets is empty")
+    return FinetuneConfig(
+        method=args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=targets, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, warmup_fraction=args.warmup, weight_decay=args.weight_decay,
+        max_length=args.max_length, overlong=args.overlong, format=getattr(args, "format", "auto"),
+        val_fraction=args.val_fraction, eval_every=args.eval_every, save_every=args.save_every,
+        samples=args.samples, seed=args.seed, device=args.device, beta=getattr(args, "beta", 0.1))
+
+
+def _run(cls: Any, args: argparse.Namespace) -> int:
+    def log(s: str) -> None:
+        print(s, file=sys.stderr)
+
+    run = cls(args.model, args.data, args.out, _config(args), resume=args.resume, log=log,
+              progress=sys.stderr.isatty())
+    log(f"{run.kind}: {len(run.train_set)} training and {len(run.val_set)} validation examples, "
+        f"{run.total_steps} steps at lr {run.lr:g} ({run.cfg.method})")
+    run.fit()
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in run.last_eval.items())
+    print(f"trained {run.step} steps" + (f"; {scores}" if scores else ""))
+    kind = "adapter" if run.lora else "model"
+    print(f"wrote {run.final} ({kind}; checkpoints and metrics.jsonl in {run.out})")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .sft import FinetuneRun
+
+    return _run(FinetuneRun, args)
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from .dpo import DPORun
+
+    return _run(DPORun, args)
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    from .dpo import RewardRun
+
+    return _run(RewardRun, args)
