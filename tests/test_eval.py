@@ -286,6 +286,13 @@ def test_interrupted_run_resumes_where_it_stopped(tiny_lm, tmp_path: Path, monke
     assert [lp for s in again["samples"] for lp in s["logprobs"]] == pytest.approx(
         [lp for s in whole["samples"] for lp in s["logprobs"]], abs=1e-4)
     assert not saved[0].exists()  # a finished task leaves no progress behind
+    # The same base model with a LoRA adapter on top is another model: its progress is kept apart.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    plain = runner.Progress(tiny_lm, spec, data, opt, 0).path
+    monkeypatch.setattr(tiny_lm, "adapter", adapter, raising=False)
+    assert runner.Progress(tiny_lm, spec, data, opt, 0).path != plain
 
 
 @pytest.mark.slow

@@ -267,6 +267,37 @@ def test_qlora_sft_lowers_loss(tiny_dir, tmp_path):
     assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
 
 
+def test_qlora_streams_nf4_and_holds_no_dense_block_matrices(tiny_dir, tmp_path, monkeypatch):
+    from lmforge import formats
+    from lmforge.finetune.lora import LoraLinear
+    from lmforge.finetune.qlora import QuantLinear
+
+    dense = formats.load_checkpoint(tiny_dir, device="cpu", dtype=torch.float32).model
+    blocks = {n: tuple(p.shape) for n, p in dense.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    dense_bytes = 4 * sum(math.prod(s) for s in blocks.values())
+
+    def dense_load(*a, **kw):  # the dense builder would hold every fp32 matrix at once
+        raise AssertionError("the QLoRA path built the dense model")
+
+    monkeypatch.setattr(formats, "build_model", dense_load)
+    run = FinetuneRun(tiny_dir, _sft_data(tmp_path), tmp_path / "q", _cfg(method="qlora", max_steps=2, samples=0),
+                      log=lambda s: None)
+    linears = {n.removesuffix(".weight") for n in blocks}
+    for name in linears:
+        m = run.model.get_submodule(name)
+        base = m.base if isinstance(m, LoraLinear) else m
+        assert isinstance(base, QuantLinear) and base.kind == "nf4", name
+    tensors = dict(run.model.named_parameters()) | dict(run.model.named_buffers())
+    frozen = {n: t for n, t in tensors.items() if n.startswith("layers.") and "lora_" not in n}
+    # No floating-point matrix is left in the blocks: only uint8 codes, per-64 absmax scales and norms.
+    assert not [n for n, t in frozen.items() if t.is_floating_point() and t.dim() == 2]
+    held = sum(t.numel() * t.element_size() for t in frozen.values())
+    assert held < 0.16 * dense_bytes  # 4.5 bits per weight (plus norms) instead of 32
+    run.fit()
+    with pytest.raises(AssertionError, match="dense model"):  # the tripwire works: LoRA does load densely
+        FinetuneRun(tiny_dir, _sft_data(tmp_path), tmp_path / "l", _cfg(method="lora", max_steps=1), log=lambda s: None)
+
+
 @pytest.mark.slow
 def test_smollm2_template_labels(smollm2_path):
     from lmforge.formats import load_tokenizer

@@ -27,6 +27,7 @@ class LM:
         self.model: Transformer = ck.model
         self.config: ModelConfig = ck.config
         self.path: Path = ck.path
+        self.adapter: Path | None = None  # a LoRA adapter applied on top of the weights at `path`
         self.engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch)
         self._pooling: Pooling | None = None
 
@@ -108,4 +109,6 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dty
         from .finetune.lora import attach_adapter
 
         attach_adapter(ck.model, adapter)
-    return LM(ck, max_batch=max_batch)
+    lm = LM(ck, max_batch=max_batch)
+    lm.adapter = Path(adapter) if adapter is not None else None
+    return lm

@@ -50,6 +50,8 @@ class Progress:
 
         key = {"version": __version__, "model": _stamp(lm.path), "data": _stamp(path), "task": spec.name,
                "source": spec.source, "shots": shots, "seed": opt.seed, "chat": opt.chat, "limit": opt.limit}
+        if getattr(lm, "adapter", None) is not None:  # the same base with an adapter is another model
+            key["adapter"] = _stamp(lm.adapter)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = home() / "eval-progress" / f"{spec.name}-{digest}.jsonl"
 

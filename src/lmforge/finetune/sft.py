@@ -154,7 +154,13 @@ class FinetuneRun:
         # Adapters record their base; a path is stored absolute so the adapter loads from anywhere.
         self.base_model = str(model) if not Path(str(model)).expanduser().exists() else str(path.resolve())
         torch.manual_seed(cfg.seed)
-        ck = load_checkpoint(path, device=self.device, dtype=torch.float32, packed=False)
+        if cfg.method == "qlora":
+            from .qlora import load_quantized
+
+            # NF4 as the weights stream in: the dense fp32 model never exists, so peak memory is the 4-bit one's.
+            ck = load_quantized(path, "nf4", device=self.device, dtype=torch.float32)
+        else:
+            ck = load_checkpoint(path, device=self.device, dtype=torch.float32, packed=False)
         if ck.tokenizer is None:
             raise LMForgeError(f"{path}: the model has no tokenizer")
         if not ck.config.causal or ck.config.head != "lm":

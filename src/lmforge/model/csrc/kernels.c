@@ -127,16 +127,32 @@ void q8_gemv(const float *x, const int8_t *codes, const float *scale, float *y, 
  * finer than the 8-bit activations llama.cpp uses. */
 static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int64_t M, int64_t K) {
     const int64_t G = K / 32;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            const float *p = x + m * K + g * 32;
-            float amax = 0.f, s = 0.f;
-            for (int j = 0; j < 32; j++) { float a = fabsf(p[j]); amax = a > amax ? a : amax; s += p[j]; }
-            float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
-            for (int j = 0; j < 32; j++) xq[m * K + g * 32 + j] = (int16_t)lrintf(p[j] * inv);
-            dx[m * G + g] = d;
-            xsum[m * G + g] = s;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    /* Vectorized (cvtps rounds to nearest even, as lrintf does) and split across threads when large:
+     * at a batch of 16 rows this runs before every product and would otherwise be serial. */
+#pragma omp parallel for schedule(static) if (M * K >= 8192)
+    for (int64_t mg = 0; mg < M * G; mg++) {
+        const float *p = x + mg * 32;
+        __m256 v[4], mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int c = 0; c < 4; c++) {
+            v[c] = _mm256_loadu_ps(p + 8 * c);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[c]));
+            sum = _mm256_add_ps(sum, v[c]);
         }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4), d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+        __m256 s = _mm256_set1_ps(inv);
+        for (int c = 0; c < 4; c += 2) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], s)), b = _mm256_cvtps_epi32(_mm256_mul_ps(v[c + 1], s));
+            /* packs interleaves 128-bit lanes; the permute puts the 16 values back in order */
+            __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+            _mm256_storeu_si256((__m256i *)(xq + mg * 32 + 8 * c), q);
+        }
+        dx[mg] = d;
+        xsum[mg] = hsum(sum);
+    }
 }
 
 typedef struct { int16_t *xq; float *dx, *xsum; } Act16;
@@ -187,10 +203,15 @@ static inline float q8_dot16(const int8_t *row, const float *sc, const int16_t *
  * constant at every call, so the row loop unrolls and the accumulators stay in registers). Every row
  * goes through exactly the arithmetic of a one-row product (two accumulators alternating groups, then
  * the zero-point term sum_g zero[g] * xsum[m, g]), so a row's result never depends on its batch. */
-static inline __attribute__((always_inline)) __m256 q4_group16(__m128i raw, const int16_t *xp) {
+/* A group's 32 4-bit codes as two vectors of 16 int16 (elements 0..15 and 16..31). */
+static inline __attribute__((always_inline)) void q4_unpack16(__m128i raw, __m256i *lo, __m256i *hi) {
     const __m128i mask = _mm_set1_epi8(0x0F);
-    __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-    __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+}
+
+/* sum_j w[j] * x[j] over one group of 32, as 8 float partial sums. */
+static inline __attribute__((always_inline)) __m256 group_dot16(__m256i lo, __m256i hi, const int16_t *xp) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
                                                _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)))));
 }
@@ -203,18 +224,21 @@ static inline __attribute__((always_inline)) void q4_tile16(const uint8_t *row, 
     for (int i = 0; i < T; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {
-        __m128i r0 = _mm_loadu_si128((const __m128i *)(row + g * 16)), r1 = _mm_loadu_si128((const __m128i *)(row + g * 16 + 16));
+        __m256i l0, h0, l1, h1;
+        q4_unpack16(_mm_loadu_si128((const __m128i *)(row + g * 16)), &l0, &h0);
+        q4_unpack16(_mm_loadu_si128((const __m128i *)(row + g * 16 + 16)), &l1, &h1);
         for (int i = 0; i < T; i++) {
             const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
             const float *d = a.dx + (m0 + i) * G + g;
-            acc0[i] = _mm256_fmadd_ps(q4_group16(r0, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
-            acc1[i] = _mm256_fmadd_ps(q4_group16(r1, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
+            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(group_dot16(l1, h1, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
         }
     }
     if (g < G) {
-        __m128i r0 = _mm_loadu_si128((const __m128i *)(row + g * 16));
+        __m256i l0, h0;
+        q4_unpack16(_mm_loadu_si128((const __m128i *)(row + g * 16)), &l0, &h0);
         for (int i = 0; i < T; i++)
-            acc0[i] = _mm256_fmadd_ps(q4_group16(r0, a.xq + (m0 + i) * K + g * 32),
+            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, a.xq + (m0 + i) * K + g * 32),
                                       _mm256_set1_ps(sc[g] * a.dx[(m0 + i) * G + g]), acc0[i]);
     }
     for (int i = 0; i < T; i++) {
@@ -241,11 +265,9 @@ void q4_gemv16(const float *x, const uint8_t *codes, const float *scale, const f
     act16_free(a);
 }
 
-static inline __attribute__((always_inline)) __m256 q8_group16(const int8_t *b, const int16_t *xp) {
-    __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
-    __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
-                                               _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)))));
+static inline __attribute__((always_inline)) void q8_unpack16(const int8_t *b, __m256i *lo, __m256i *hi) {
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
 }
 
 static inline __attribute__((always_inline)) void q8_tile16(const int8_t *row, const float *sc, Act16 a, float *y,
@@ -254,17 +276,24 @@ static inline __attribute__((always_inline)) void q8_tile16(const int8_t *row, c
     __m256 acc0[4], acc1[4];
     for (int i = 0; i < T; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 2 <= G; g += 2)
+    for (; g + 2 <= G; g += 2) {
+        __m256i l0, h0, l1, h1;
+        q8_unpack16(row + g * 32, &l0, &h0);
+        q8_unpack16(row + g * 32 + 32, &l1, &h1);
         for (int i = 0; i < T; i++) {
             const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
             const float *d = a.dx + (m0 + i) * G + g;
-            acc0[i] = _mm256_fmadd_ps(q8_group16(row + g * 32, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
-            acc1[i] = _mm256_fmadd_ps(q8_group16(row + g * 32 + 32, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
+            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(group_dot16(l1, h1, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
         }
-    if (g < G)
+    }
+    if (g < G) {
+        __m256i l0, h0;
+        q8_unpack16(row + g * 32, &l0, &h0);
         for (int i = 0; i < T; i++)
-            acc0[i] = _mm256_fmadd_ps(q8_group16(row + g * 32, a.xq + (m0 + i) * K + g * 32),
+            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, a.xq + (m0 + i) * K + g * 32),
                                       _mm256_set1_ps(sc[g] * a.dx[(m0 + i) * G + g]), acc0[i]);
+    }
     for (int i = 0; i < T; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
