@@ -155,10 +155,16 @@ class Engine:
             return 0
         held = holder.prompt_ids + holder.output_ids
         n = min(holder.cached, len(held), len(seq.prompt_ids) - 1)
-        i = 0
-        while i < n and held[i] == seq.prompt_ids[i]:
-            i += 1
-        return i
+        if held[:n] == seq.prompt_ids[:n]:  # the usual case (a whole earlier turn), compared at C speed
+            return n
+        lo, hi = 0, n  # otherwise the longest matching prefix, by bisection on slice equality
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if held[:mid] == seq.prompt_ids[:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _place(self, batch: list[Sequence], free: list[int]) -> None:
         """Give each admitted sequence a free slot, preferring one that already holds its prompt's start,
