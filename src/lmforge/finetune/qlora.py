@@ -180,40 +180,16 @@ def load_quantized(path: str | Path, quant: str, device: torch.device | str | No
     Peak memory stays near the quantized model's size: no dense copy of the whole model ever exists
     (`load_checkpoint` followed by `quantize_model` would hold one first). The result has no LoRA yet.
     """
-    from ..formats import Checkpoint, default_device, default_dtype, parse_device
-    from ..tokenizer import Tokenizer
+    from ..formats import Checkpoint, open_source, placement
 
     if quant not in ("nf4", "packed"):
         raise LMForgeError(f"unknown quantization {quant!r} (supported: nf4, packed)")
-    path = Path(path)
-    dev = parse_device(device) if device is not None else default_device()
-    dt = dtype or default_dtype(dev)
-    if not path.exists():
-        raise LMForgeError(f"no such file or directory: {path}")
-    if path.is_dir():
-        from ..formats.hf import config_from_hf, load_hf_weights, tensor_names
-        from ..fsutil import read_json
-
-        if not (path / "config.json").exists():
-            raise LMForgeError(f"{path}: not a model directory (no config.json)")
-        if quant == "packed":
-            raise LMForgeError(f"{path}: quant 'packed' keeps a GGUF file's codes; use quant 'nf4' for HF directories")
-        cfg = config_from_hf(read_json(path / "config.json"), tensor_names(path))
-        weights: Iterable = load_hf_weights(path, cfg)
-        tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-        fmt = "hf"
-    elif path.suffix.lower() == ".gguf":
-        from ..formats.gguf import GGUFFile
-
-        g = GGUFFile(path)
-        cfg = g.config()
-        tok = Tokenizer.from_gguf_metadata(g.meta)
-        weights = g.state_dict(cfg, packed=quant == "packed")
-        fmt = "gguf"
-    else:
-        raise LMForgeError(f"{path}: not a .gguf file or a model directory")
-    model = _build_quantized(cfg, weights, quant, dev, dt)
-    return Checkpoint(model, tok, cfg, path, fmt, {f"quant:{quant}": 1})
+    dev, dt = placement(device, dtype)
+    src = open_source(path)
+    if quant == "packed" and src.fmt != "gguf":
+        raise LMForgeError(f"{src.path}: quant 'packed' keeps a GGUF file's codes; use quant 'nf4' for HF directories")
+    model = _build_quantized(src.config, src.weights(packed=quant == "packed"), quant, dev, dt)
+    return Checkpoint(model, src.tokenizer, src.config, src.path, src.fmt, {f"quant:{quant}": 1})
 
 
 def _build_quantized(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]], quant: str,

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,6 +100,54 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise LMForgeError(f"{path}: not a .gguf file or a directory with tokenizer.json")
 
 
+@dataclass
+class Source:
+    """A model file or directory, opened: its config and tokenizer read, its weights not yet."""
+
+    path: Path
+    fmt: str  # "hf" or "gguf"
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    gguf: Any = None  # the GGUFFile of a .gguf source
+
+    def weights(self, packed: bool = False) -> Iterable[tuple[str, torch.Tensor | PackedWeight]]:
+        """Stream the weights, tensor by tensor (``packed``: keep GGUF block codes where supported)."""
+        if self.fmt == "hf":
+            from .hf import load_hf_weights
+
+            return load_hf_weights(self.path, self.config)
+        return self.gguf.state_dict(self.config, packed=packed)
+
+
+def open_source(path: str | Path) -> Source:
+    """Open a `.gguf` file or an HF-style directory (config.json + safetensors [+ tokenizer.json])."""
+    path = Path(path)
+    if not path.exists():
+        raise LMForgeError(f"no such file or directory: {path}")
+    if path.is_dir():
+        from ..fsutil import read_json
+        from .hf import config_from_hf, tensor_names
+
+        if not (path / "config.json").exists():
+            raise LMForgeError(f"{path}: not a model directory (no config.json)")
+        cfg = config_from_hf(read_json(path / "config.json"), tensor_names(path))
+        tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        return Source(path, "hf", cfg, tok)
+    if path.suffix.lower() != ".gguf":
+        raise LMForgeError(f"{path}: not a .gguf file or a model directory")
+    from .gguf import GGUFFile
+
+    g = GGUFFile(path)
+    return Source(path, "gguf", g.config(), Tokenizer.from_gguf_metadata(g.meta), g)
+
+
+def placement(device: torch.device | str | None = None, dtype: torch.dtype | None = None
+              ) -> tuple[torch.device, torch.dtype]:
+    """The device (default: CUDA when present) and dtype (default: that device's) to load onto."""
+    dev = parse_device(device) if device is not None else default_device()
+    return dev, dtype or default_dtype(dev)
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, packed: bool | None = None,
                     progress: bool = False) -> Checkpoint:
@@ -107,31 +156,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
     ``packed`` keeps the codes of GGUF Q4_0/Q4_1/Q8_0 matrices for the CPU decode kernel (default: on
     where it runs, i.e. fp32 on a CPU with AVX2 and a C compiler); results equal the dense path's.
     """
-    path = Path(path)
-    dev = parse_device(device) if device is not None else default_device()
-    dt = dtype or default_dtype(dev)
-    if not path.exists():
-        raise LMForgeError(f"no such file or directory: {path}")
-    if path.is_dir():
-        from ..fsutil import read_json
-        from .hf import config_from_hf, load_hf_weights, tensor_names
-
-        if not (path / "config.json").exists():
-            raise LMForgeError(f"{path}: not a model directory (no config.json)")
-        cfg = config_from_hf(read_json(path / "config.json"), tensor_names(path))
-        model = build_model(cfg, load_hf_weights(path, cfg), dev, dt, progress)
-        tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    dev, dt = placement(device, dtype)
+    src = open_source(path)
+    if src.fmt == "hf":
+        model = build_model(src.config, src.weights(), dev, dt, progress)
         types = Counter(str(p.dtype).replace("torch.", "") for p in model.parameters())
-        return Checkpoint(model, tok, cfg, path, "hf", dict(types))
-    if path.suffix.lower() != ".gguf":
-        raise LMForgeError(f"{path}: not a .gguf file or a model directory")
-    from .gguf import GGUFFile
-
-    g = GGUFFile(path)
-    cfg = g.config()
-    tok = Tokenizer.from_gguf_metadata(g.meta)
+        return Checkpoint(model, src.tokenizer, src.config, src.path, "hf", dict(types))
     if packed is None:
         packed = dev.type == "cpu" and dt == torch.float32 and lib() is not None
-    model = build_model(cfg, g.state_dict(cfg, packed=packed), dev, dt, progress)
-    types = Counter(t.tensor_type.name for t in g.tensors.values())
-    return Checkpoint(model, tok, cfg, path, "gguf", dict(types))
+    model = build_model(src.config, src.weights(packed), dev, dt, progress)
+    types = Counter(t.tensor_type.name for t in src.gguf.tensors.values())
+    return Checkpoint(model, src.tokenizer, src.config, src.path, "gguf", dict(types))
