@@ -165,49 +165,20 @@ static Act16 act16(const float *x, int64_t M, int64_t K) {
 
 static void act16_free(Act16 a) { free(a.xq); free(a.dx); free(a.xsum); }
 
-static inline float q4_dot16(const uint8_t *row, const float *sc, const float *ze, const int16_t *xq,
-                             const float *dx, const float *xsum, int64_t G) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float zacc = 0.f;
-    for (int64_t g = 0; g < G; g++) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(row + g * 16));
-        __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));                     /* elements 0..15 */
-        __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));  /* elements 16..31 */
-        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + g * 32))),
-                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + g * 32 + 16))));
-        __m256 s = _mm256_set1_ps(sc[g] * dx[g]);
-        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc0);
-        zacc += ze[g] * xsum[g];
+/* A group's 32 codes as two vectors of 16 int16 (elements 0..15 and 16..31): 4-bit codes in GGML nibble
+ * order (16 bytes a group) or signed 8-bit codes (32 bytes a group). */
+static inline __attribute__((always_inline)) void unpack16(const void *row, int64_t g, const int q4, __m256i *lo,
+                                                           __m256i *hi) {
+    if (q4) {
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)row + g * 16));
+        *lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+        *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+    } else {
+        const int8_t *b = (const int8_t *)row + g * 32;
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
     }
-    return hsum(_mm256_add_ps(acc0, acc1)) + zacc;
-}
-
-static inline float q8_dot16(const int8_t *row, const float *sc, const int16_t *xq, const float *dx, int64_t G) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        const int8_t *b = row + g * 32;
-        __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
-        __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
-        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + g * 32))),
-                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + g * 32 + 16))));
-        __m256 s = _mm256_set1_ps(sc[g] * dx[g]);
-        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc0);
-    }
-    return hsum(_mm256_add_ps(acc0, acc1));
-}
-
-/* Several activation rows: each group's codes are decoded once and used for a tile of T rows (T is a
- * constant at every call, so the row loop unrolls and the accumulators stay in registers). Every row
- * goes through exactly the arithmetic of a one-row product (two accumulators alternating groups, then
- * the zero-point term sum_g zero[g] * xsum[m, g]), so a row's result never depends on its batch. */
-/* A group's 32 4-bit codes as two vectors of 16 int16 (elements 0..15 and 16..31). */
-static inline __attribute__((always_inline)) void q4_unpack16(__m128i raw, __m256i *lo, __m256i *hi) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
 }
 
 /* sum_j w[j] * x[j] over one group of 32, as 8 float partial sums. */
@@ -216,17 +187,22 @@ static inline __attribute__((always_inline)) __m256 group_dot16(__m256i lo, __m2
                                                _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)))));
 }
 
-static inline __attribute__((always_inline)) void q4_tile16(const uint8_t *row, const float *sc, const float *ze,
-                                                            Act16 a, float *y, int64_t m0, int64_t N, int64_t n,
-                                                            int64_t K, const int T) {
+/* One weight row against a tile of T activation rows: each group's codes are decoded once for the whole
+ * tile (T and q4 are constants at every call, so the row loop unrolls and the accumulators stay in
+ * registers). Every row goes through exactly the arithmetic of a one-row product (two accumulators
+ * alternating groups, then for 4-bit codes the zero-point term sum_g zero[g] * xsum[m, g]), so a row's
+ * result never depends on its batch. */
+static inline __attribute__((always_inline)) void tile16(const void *row, const float *sc, const float *ze, Act16 a,
+                                                         float *y, int64_t m0, int64_t N, int64_t n, int64_t K,
+                                                         const int q4, const int T) {
     const int64_t G = K / 32;
     __m256 acc0[4], acc1[4];
     for (int i = 0; i < T; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {
         __m256i l0, h0, l1, h1;
-        q4_unpack16(_mm_loadu_si128((const __m128i *)(row + g * 16)), &l0, &h0);
-        q4_unpack16(_mm_loadu_si128((const __m128i *)(row + g * 16 + 16)), &l1, &h1);
+        unpack16(row, g, q4, &l0, &h0);
+        unpack16(row, g + 1, q4, &l1, &h1);
         for (int i = 0; i < T; i++) {
             const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
             const float *d = a.dx + (m0 + i) * G + g;
@@ -236,81 +212,47 @@ static inline __attribute__((always_inline)) void q4_tile16(const uint8_t *row, 
     }
     if (g < G) {
         __m256i l0, h0;
-        q4_unpack16(_mm_loadu_si128((const __m128i *)(row + g * 16)), &l0, &h0);
+        unpack16(row, g, q4, &l0, &h0);
         for (int i = 0; i < T; i++)
             acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, a.xq + (m0 + i) * K + g * 32),
                                       _mm256_set1_ps(sc[g] * a.dx[(m0 + i) * G + g]), acc0[i]);
     }
     for (int i = 0; i < T; i++) {
-        const float *xs = a.xsum + (m0 + i) * G;
         float z = 0.f;
-        for (int64_t j = 0; j < G; j++) z += ze[j] * xs[j];
+        if (q4) {
+            const float *xs = a.xsum + (m0 + i) * G;
+            for (int64_t j = 0; j < G; j++) z += ze[j] * xs[j];
+        }
         y[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + z;
     }
 }
 
-void q4_gemv16(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
-               int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t G = K / 32;
+/* y [M, N] = x [M, K] @ w.T for 4-bit (q4 = 1; zero used) or 8-bit codes, rows in tiles of 4, 2, 1. */
+static inline __attribute__((always_inline)) void gemv16(const float *x, const void *codes, const float *scale,
+                                                         const float *zero, float *y, int64_t M, int64_t N,
+                                                         int64_t K, int threads, const int q4) {
+    const int64_t G = K / 32, row_bytes = q4 ? K / 2 : K;
     Act16 a = act16(x, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * (K / 2);
-        const float *sc = scale + n * G, *ze = zero + n * G;
+        const uint8_t *row = (const uint8_t *)codes + n * row_bytes;
+        const float *sc = scale + n * G, *ze = q4 ? zero + n * G : NULL;
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) q4_tile16(row, sc, ze, a, y, m, N, n, K, 4);
-        if (m + 2 <= M) { q4_tile16(row, sc, ze, a, y, m, N, n, K, 2); m += 2; }
-        if (m < M) q4_tile16(row, sc, ze, a, y, m, N, n, K, 1);
+        for (; m + 4 <= M; m += 4) tile16(row, sc, ze, a, y, m, N, n, K, q4, 4);
+        if (m + 2 <= M) { tile16(row, sc, ze, a, y, m, N, n, K, q4, 2); m += 2; }
+        if (m < M) tile16(row, sc, ze, a, y, m, N, n, K, q4, 1);
     }
     act16_free(a);
 }
 
-static inline __attribute__((always_inline)) void q8_unpack16(const int8_t *b, __m256i *lo, __m256i *hi) {
-    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
-    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
-}
-
-static inline __attribute__((always_inline)) void q8_tile16(const int8_t *row, const float *sc, Act16 a, float *y,
-                                                            int64_t m0, int64_t N, int64_t n, int64_t K, const int T) {
-    const int64_t G = K / 32;
-    __m256 acc0[4], acc1[4];
-    for (int i = 0; i < T; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {
-        __m256i l0, h0, l1, h1;
-        q8_unpack16(row + g * 32, &l0, &h0);
-        q8_unpack16(row + g * 32 + 32, &l1, &h1);
-        for (int i = 0; i < T; i++) {
-            const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
-            const float *d = a.dx + (m0 + i) * G + g;
-            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
-            acc1[i] = _mm256_fmadd_ps(group_dot16(l1, h1, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
-        }
-    }
-    if (g < G) {
-        __m256i l0, h0;
-        q8_unpack16(row + g * 32, &l0, &h0);
-        for (int i = 0; i < T; i++)
-            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, a.xq + (m0 + i) * K + g * 32),
-                                      _mm256_set1_ps(sc[g] * a.dx[(m0 + i) * G + g]), acc0[i]);
-    }
-    for (int i = 0; i < T; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+void q4_gemv16(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
+               int64_t M, int64_t N, int64_t K, int threads) {
+    gemv16(x, codes, scale, zero, y, M, N, K, threads, 1);
 }
 
 void q8_gemv16(const float *x, const int8_t *codes, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
                int threads) {
-    const int64_t G = K / 32;
-    Act16 a = act16(x, M, K);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *row = codes + n * K;
-        const float *sc = scale + n * G;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) q8_tile16(row, sc, a, y, m, N, n, K, 4);
-        if (m + 2 <= M) { q8_tile16(row, sc, a, y, m, N, n, K, 2); m += 2; }
-        if (m < M) q8_tile16(row, sc, a, y, m, N, n, K, 1);
-    }
-    act16_free(a);
+    gemv16(x, codes, scale, NULL, y, M, N, K, threads, 0);
 }
 
 /* -- small fused ops for the decode step -----------------------------------------------------------------
