@@ -172,17 +172,14 @@ class Engine:
         copies: list[tuple[int, int, int]] = []  # (source slot, target slot, tokens)
         sources = dict(self.holder)  # what every slot holds before this batch overwrites anything
         for seq in batch:
-            own = {slot: self._shared(seq, sources.get(slot)) for slot in free} if self.prefix_reuse else {}
-            slot = max(free, key=lambda sl: own.get(sl, 0))
+            shared = {sl: self._shared(seq, h) for sl, h in sources.items()} if self.prefix_reuse else {}
+            slot = max(free, key=lambda sl: shared.get(sl, 0))
             free.remove(slot)
             seq.slot, self.running[slot], self.holder[slot] = slot, seq, seq
-            n = own.get(slot, 0)
-            if self.prefix_reuse:
-                src, best = max(((sl, self._shared(seq, h)) for sl, h in sources.items()), key=lambda x: x[1],
-                                default=(slot, 0))
-                if best > n:
-                    copies.append((src, slot, best))
-                    n = best
+            src = max(shared, key=shared.__getitem__, default=slot)
+            n = shared.get(src, 0)
+            if n > shared.get(slot, 0):
+                copies.append((src, slot, n))
             seq.cached = n
             self.reused_tokens += n
         if copies and self.cache is not None:
