@@ -28,10 +28,18 @@ from torch import nn
 from ..errors import LMForgeError
 from ..formats import default_device, load_checkpoint, parse_device
 from ..fsutil import atomic_dir, atomic_file
-from ..train.pretrain import TrainConfig, _on_signals, _restore_signals, learning_rate, make_optimizer
+from ..train.pretrain import (
+    TRAINER_STATE,
+    TrainConfig,
+    _on_signals,
+    _restore_signals,
+    checkpoints,
+    latest_checkpoint,
+    learning_rate,
+    make_optimizer,
+)
 from .data import IGNORE, Example, build_sft_examples, iter_batches, load_conversations, split_val
 
-TRAINER_STATE = "trainer.pt"
 RUN_CONFIG = "finetune_config.json"
 METHODS = ("full", "lora", "qlora")
 # Settings that may change between a run and its resume (they do not affect the trained weights).
@@ -124,10 +132,6 @@ def _pad_id(tok: Any) -> int:
         if i is not None:
             return i
     return 0
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("step_*") if (p / TRAINER_STATE).exists())
 
 
 class FinetuneRun:
@@ -339,7 +343,7 @@ class FinetuneRun:
                 state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             torch.save(state, tmp / TRAINER_STATE)
             (tmp / RUN_CONFIG).write_text(json.dumps(self._run_config(), indent=2), encoding="utf-8")
-        for old in _checkpoints(self.out)[: -self.cfg.keep_last]:
+        for old in checkpoints(self.out)[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -355,10 +359,7 @@ class FinetuneRun:
     def _resume(self) -> None:
         from ..fsutil import read_json
 
-        ckpts = _checkpoints(self.out)
-        if not ckpts:
-            raise LMForgeError(f"nothing to resume: no checkpoint in {self.out}")
-        path = ckpts[-1]
+        path = latest_checkpoint(self.out)
         saved = read_json(path / RUN_CONFIG)
         mine = self._run_config()
         if saved.get("kind") != self.kind or saved.get("train_examples") != mine["train_examples"]:

@@ -248,8 +248,17 @@ def _word_starts(tok: Tokenizer, vocab_size: int) -> torch.Tensor:
     return out
 
 
-def _checkpoints(out: Path) -> list[Path]:
+def checkpoints(out: Path) -> list[Path]:
+    """A run directory's complete checkpoints (those with trainer state), oldest first."""
     return sorted(p for p in out.glob("step_*") if (p / TRAINER_STATE).exists())
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The checkpoint `--resume` continues from; a one-line error when there is none."""
+    ckpts = checkpoints(out)
+    if not ckpts:
+        raise LMForgeError(f"nothing to resume: no checkpoint in {out}")
+    return ckpts[-1]
 
 
 class Trainer:
@@ -339,7 +348,7 @@ class Trainer:
                             "model_config": dataclasses.asdict(self.model_cfg)}, tmp / TRAINER_STATE)
                 (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2),
                                                        encoding="utf-8")
-            for old in _checkpoints(self.out)[: -self.cfg.keep_last]:
+            for old in checkpoints(self.out)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return path
@@ -347,10 +356,7 @@ class Trainer:
     def _resume(self) -> None:
         from ..formats.hf import load_hf_weights
 
-        ckpts = _checkpoints(self.out)
-        if not ckpts:
-            raise LMForgeError(f"nothing to resume: no checkpoint in {self.out}")
-        path = ckpts[-1]
+        path = latest_checkpoint(self.out)
         try:
             state = torch.load(path / TRAINER_STATE, weights_only=True)  # our own file; never arbitrary pickles
         except Exception as e:
