@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,16 @@ def test_interrupted_run_resumes_where_it_stopped(tiny_lm, tmp_path: Path, monke
     plain = runner.Progress(tiny_lm, spec, data, opt, 0).path
     monkeypatch.setattr(tiny_lm, "adapter", adapter, raising=False)
     assert runner.Progress(tiny_lm, spec, data, opt, 0).path != plain
+    monkeypatch.setattr(tiny_lm, "adapter", None)
+    # The data is known by its content: a fresh copy elsewhere (new path, new mtime) continues the same
+    # run, and changed content starts another.
+    copy = tmp_path / "elsewhere" / "mc.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(data.read_bytes())
+    os.utime(copy, (1, 1))
+    assert runner.Progress(tiny_lm, spec, copy, opt, 0).path == plain
+    copy.write_text(copy.read_text().replace("the cat", "the cow"))
+    assert runner.Progress(tiny_lm, spec, copy, opt, 0).path != plain
 
 
 @pytest.mark.slow

@@ -106,6 +106,12 @@ def test_fused_ops_match_pytorch() -> None:
 
     h = torch.randn(2, 1, 2 * 48, generator=g)
     torch.testing.assert_close(kernels.swiglu(h), torch.nn.functional.silu(h[..., :48]) * h[..., 48:])
+    # the vectorized exp over a batch large enough to thread, with gates far into both tails (and a
+    # width that leaves a scalar remainder)
+    h = torch.randn(16, 2 * 1540, generator=g) * 8
+    h[0, :9] = torch.tensor([-1e4, -100.0, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, 1e4])
+    ref = torch.nn.functional.silu(h[:, :1540].double()) * h[:, 1540:].double()
+    torch.testing.assert_close(kernels.swiglu(h).double(), ref, rtol=2e-6, atol=1e-30)
 
     # rotary in place on a [b, t, heads * hd] projection: the first 3 heads (q, k) rotate, the last does not
     b, t, heads, hd = 2, 3, 4, 16

@@ -33,10 +33,25 @@ class EvalOptions:
     resume: bool = True  # continue an interrupted multiple-choice run from its saved scores
 
 
+def _fingerprint(f: Path, chunk: int = 1 << 20) -> str:
+    """A file's identity by content, not by path or time: a copy or a fresh checkout of the same data still
+    matches. Large files (model weights) are sampled: their size plus a few chunks spread through them."""
+    size = f.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(f, "rb") as fh:
+        if size <= 16 * chunk:
+            h.update(fh.read())
+        else:
+            for k in range(16):
+                fh.seek((size - chunk) * k // 15)
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
+
+
 def _stamp(path: str | Path) -> list[Any]:
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+    return [[f.name if f == p else str(f.relative_to(p)), _fingerprint(f)] for f in files if f.exists()]
 
 
 class Progress:

@@ -219,9 +219,13 @@ static inline __attribute__((always_inline)) void tile16(const void *row, const 
     }
     for (int i = 0; i < T; i++) {
         float z = 0.f;
-        if (q4) {
+        if (q4) {  /* vectorized: as a scalar chain of dependent adds this cost a sixth of the product */
             const float *xs = a.xsum + (m0 + i) * G;
-            for (int64_t j = 0; j < G; j++) z += ze[j] * xs[j];
+            __m256 zz = _mm256_setzero_ps();
+            int64_t j = 0;
+            for (; j + 8 <= G; j += 8) zz = _mm256_fmadd_ps(_mm256_loadu_ps(ze + j), _mm256_loadu_ps(xs + j), zz);
+            z = hsum(zz);
+            for (; j < G; j++) z += ze[j] * xs[j];
         }
         y[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + z;
     }
@@ -267,13 +271,39 @@ void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t di
     }
 }
 
-/* h: [rows, 2 * ffn] = gate | up; y: [rows, ffn] = silu(gate) * up */
+/* exp(x) for 8 floats (Cephes' polynomial, within 2 ulp of expf): x = n ln2 + r, exp(r) by a polynomial,
+ * 2^n through the exponent bits. The clamp keeps 2^n a normal float. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* h: [rows, 2 * ffn] = gate | up; y: [rows, ffn] = silu(gate) * up. Vectorized and, for a batch of rows,
+ * threaded: with one expf per element it was a twentieth of a 16-row decode step. */
 void swiglu(const float *h, float *y, int64_t rows, int64_t ffn) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t j = 0; j < ffn; j++) {
-            float g = h[r * 2 * ffn + j];
-            y[r * ffn + j] = g / (1.f + expf(-g)) * h[r * 2 * ffn + ffn + j];
+#pragma omp parallel for schedule(static) if (rows * ffn >= 16384)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gp = h + r * 2 * ffn, *up = gp + ffn;
+        float *yp = y + r * ffn;
+        int64_t j = 0;
+        for (; j + 8 <= ffn; j += 8) {
+            __m256 g = _mm256_loadu_ps(gp + j);
+            __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            _mm256_storeu_ps(yp + j, _mm256_mul_ps(s, _mm256_loadu_ps(up + j)));
         }
+        for (; j < ffn; j++) yp[j] = gp[j] / (1.f + expf(-gp[j])) * up[j];
+    }
 }
 
 /* Rotary embedding in place on a fresh qkv projection: x [rows, heads, hd], rotating the first n_rot
