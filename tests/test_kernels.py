@@ -146,3 +146,52 @@ def test_attn_decode_rows_matches_sdpa_per_slot() -> None:
     untouched = torch.ones(4, cap, dtype=torch.bool)
     untouched[slots, pos] = False
     assert torch.equal(kc.transpose(1, 2)[untouched], before_k.transpose(1, 2)[untouched])
+
+
+def _packed_tiny(qkv_bias: bool) -> torch.nn.Module:
+    """A tiny Llama-style model whose block products carry GGUF codes, as the GGUF loader leaves them."""
+    from lmforge.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=200, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, qkv_bias=qkv_bias,
+                      context_length=64)
+    model = Transformer(cfg)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    for i, blk in enumerate(model.layers):
+        for parent, attr, qtype in ((blk.attn, "qkv", "Q4_1"), (blk.attn, "o", "Q8_0"), (blk.mlp, "gate_up", "Q4_0"),
+                                    (blk.mlp, "down", "Q4_1")):
+            old = getattr(parent, attr)
+            n, k = old.weight.shape
+            pw = from_gguf_blocks(quantize(old.weight.detach().numpy(), GGMLQuantizationType[qtype]), qtype, n, k)
+            bias = old.bias.detach().clone() if old.bias is not None else None
+            setattr(parent, attr, PackedLinear(pw.dequantize(), bias, pw))
+    return model.eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_decode_stack_in_one_call_is_bit_identical(qkv_bias: bool, monkeypatch) -> None:
+    """The whole-stack C call gives exactly the per-operation path's tokens and log-probs, for rows at
+    different positions in different slots; a weight changed in place sends decoding back to the
+    per-operation path (whose codes are then stale and unused)."""
+    from lmforge.engine import Engine, SamplingParams
+    from lmforge.model import fused
+
+    model = _packed_tiny(qkv_bias)
+    prompts = [[5, 9, 13], [7] * 11, [3, 1, 4, 1, 5, 9, 2]]
+
+    def run() -> list:
+        eng = Engine(model, None, max_batch=4)
+        params = SamplingParams(max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+        seqs = eng.generate(prompts, params)
+        return [(s.output_ids, [(lp.logprob, lp.top) for lp in s.logprobs]) for s in seqs]
+
+    together = run()
+    assert fused.plan(model) is not None
+    monkeypatch.setattr(fused, "plan", lambda m: None)
+    assert run() == together
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.layers[1].mlp.down.weight.mul_(1.5)
+    assert fused.plan(model) is None

@@ -66,6 +66,7 @@ def lib() -> ctypes.CDLL | None:
         "q8_gemv": [p, p, p, p, i64, i64, i64, i32], "q8_gemv16": [p, p, p, p, i64, i64, i64, i32],
         "rms_norm": [p, p, p, i64, i64, f32], "swiglu": [p, p, i64, i64],
         "rope_inplace": [p, p, p, i64, i64, i64, i64], "attn_decode_rows": [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i32],
+        "decode_stack": [p, i64, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, i32],
     }
     for name, args in signatures.items():
         fn = getattr(so, name)

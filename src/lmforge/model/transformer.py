@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .blocks import _ACTIVATIONS, Block, Rotary, make_norm
 from .config import ModelConfig
-from .kernels import packed_matmul
+from .kernels import MAX_ROWS, fast_path, packed_matmul
 from .quant import PackedWeight, use_packed
 
 
@@ -126,11 +127,19 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         max_pos = max(start) + t - 1 if cache is not None else t - 1
         rope = self.rotary(positions, x.dtype, max_pos) if self.rotary is not None else None
-        for layer in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, use_reentrant=False)
-            else:
-                x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
+        stack = None
+        if t == 1 and rope is not None and getattr(cache, "decode_rows", None) is not None and b <= MAX_ROWS \
+                and fast_path(x):
+            stack = fused.plan(self)  # every block in one C call (CPU decode of a packed model)
+        if stack is not None:
+            x = fused.decode_stack(self, stack, x.contiguous(), rope, cache)
+        else:
+            for layer in self.layers:
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, rope=rope, mask=mask, is_causal=is_causal, cache=cache,
+                                   use_reentrant=False)
+                else:
+                    x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
         if self.norm is not None:
             x = self.norm(x)
         if last_index is not None:

@@ -370,3 +370,60 @@ void attn_decode_rows(const float *proj, float *kc, float *vc, const int64_t *sl
         free(sc);
     }
 }
+
+/* -- a whole decode step's blocks in one call -------------------------------------------------------------
+ * At a few rows a step, a Llama-style block is eleven small operations, and dispatching each from Python
+ * (module calls, checks, argument marshalling) cost a third of a one-row step. This runs every block of
+ * the stack here, calling the same kernels in the same order as the per-operation path, so the result is
+ * bit-identical to it. */
+typedef struct {
+    const void *codes;
+    const float *scale, *zero, *bias; /* bias may be NULL */
+    int64_t n, k;
+    int64_t q4;
+} PW;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    PW qkv, o, gate_up, down;
+} Layer;
+
+static void product(const float *x, const PW *w, float *y, int64_t M, int threads) {
+    if (w->q4) gemv16(x, w->codes, w->scale, w->zero, y, M, w->n, w->k, threads, 1);
+    else gemv16(x, w->codes, w->scale, NULL, y, M, w->n, w->k, threads, 0);
+    if (w->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];
+}
+
+static void add_into(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] + y[i];
+}
+
+/* x [b, dim] (updated in place): the hidden states entering the first block; b rows, each continuing
+ * its own KV slot at pos[r]. kc / vc: the whole cache, [layers, slots, nkv, cap, hd]. cos / sin: [b, hd]. */
+void decode_stack(float *x, int64_t b, const Layer *layers, int64_t n_layers, float *kc, float *vc,
+                  const int64_t *slots, const int64_t *pos, const float *cos, const float *sin, int64_t dim,
+                  int64_t nh, int64_t nkv, int64_t slots_n, int64_t cap, int64_t hd, int64_t ffn, float eps,
+                  float attn_scale, int threads) {
+    const int64_t width = (nh + 2 * nkv) * hd, layer_size = slots_n * nkv * cap * hd;
+    float *h = malloc(sizeof(float) * b * dim), *proj = malloc(sizeof(float) * b * width);
+    float *att = malloc(sizeof(float) * b * nh * hd), *res = malloc(sizeof(float) * b * dim);
+    float *gu = malloc(sizeof(float) * b * 2 * ffn), *act = malloc(sizeof(float) * b * ffn);
+    for (int64_t l = 0; l < n_layers; l++) {
+        const Layer *L = layers + l;
+        rms_norm(x, L->attn_norm, h, b, dim, eps);
+        product(h, &L->qkv, proj, b, threads);
+        rope_inplace(proj, cos, sin, b, nh + 2 * nkv, nh + nkv, hd);
+        attn_decode_rows(proj, kc + l * layer_size, vc + l * layer_size, slots, pos, att, b, nh, nkv, cap, hd,
+                         attn_scale, threads);
+        product(att, &L->o, res, b, threads);
+        add_into(x, res, b * dim);
+        rms_norm(x, L->mlp_norm, h, b, dim, eps);
+        product(h, &L->gate_up, gu, b, threads);
+        swiglu(gu, act, b, ffn);
+        product(act, &L->down, res, b, threads);
+        add_into(x, res, b * dim);
+    }
+    free(h); free(proj); free(att); free(res); free(gu); free(act);
+}

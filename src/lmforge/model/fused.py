@@ -1,0 +1,91 @@
+"""A CPU decode step's whole block stack in one C call (`decode_stack` in csrc/kernels.c).
+
+At one token a step, a Llama-style block is about eleven small operations, and dispatching each from
+Python cost about a third of the step. When every block is the plain pre-norm RMSNorm / rotary /
+SwiGLU kind and all four of its products have packed GGUF codes, the C side runs the same kernels in
+the same order, so logits are bit-identical to the per-operation path. Anything else (LayerNorm, GELU,
+LoRA adapters, weights changed since loading, more rows than the packed products take) keeps the
+per-operation path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .blocks import RMSNorm
+from .quant import PackedLinear
+
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class _PW(ctypes.Structure):
+    _fields_ = [("codes", _p), ("scale", _p), ("zero", _p), ("bias", _p), ("n", _i64), ("k", _i64), ("q4", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv", _PW), ("o", _PW), ("gate_up", _PW), ("down", _PW)]
+
+
+def _linear(lin: Any) -> _PW | None:
+    if not isinstance(lin, PackedLinear) or lin.packed is None or lin.weight._version != lin._version:
+        return None
+    w = lin.packed
+    if not all(t.is_contiguous() for t in (w.codes, w.scale, w.zero)):
+        return None
+    bias = lin.bias.data_ptr() if lin.bias is not None else None
+    n, k = w.shape
+    return _PW(w.codes.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr(), bias, n, k, int(w.kind == "q4"))
+
+
+def _state(model: Any) -> tuple:
+    """What the plan depends on: the modules, their codes and every weight's version (an in-place update,
+    e.g. a fine-tuning step, makes the cached pointers describe stale codes)."""
+    parts: list[Any] = []
+    for blk in model.layers:
+        for m in (blk.attn_norm, blk.mlp_norm, blk.attn.qkv, blk.attn.o, blk.mlp.gate_up, blk.mlp.down):
+            parts += (id(m), id(getattr(m, "packed", None)), m.weight._version)
+            bias = getattr(m, "bias", None)
+            parts.append(bias._version if bias is not None else -1)
+    return tuple(parts)
+
+
+def plan(model: Any) -> Any:
+    """The ctypes array describing the model's blocks, cached on the model; None when they don't qualify."""
+    cfg = model.cfg
+    if (cfg.norm != "rmsnorm" or cfg.norm_position != "pre" or cfg.mlp != "swiglu" or cfg.activation != "silu"
+            or cfg.position != "rope" or kernels.lib() is None or not kernels.ACT16):
+        return None
+    state = _state(model)
+    cached = getattr(model, "_fused_plan", None)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    layers = []
+    for blk in model.layers:
+        ws = [_linear(m) for m in (blk.attn.qkv, blk.attn.o, blk.mlp.gate_up, blk.mlp.down)]
+        norms = (blk.attn_norm, blk.mlp_norm)
+        if any(w is None for w in ws) or not all(isinstance(n, RMSNorm) for n in norms) or blk.mlp.act is not F.silu:
+            layers = None
+            break
+        layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *ws))
+    arr = (_Layer * len(layers))(*layers) if layers else None
+    model._fused_plan = (state, arr)
+    return arr
+
+
+def decode_stack(model: Any, layers: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any
+                 ) -> torch.Tensor:
+    """Run every block on the decode step's hidden states x [b, 1, dim] (updated in place and returned)."""
+    cfg = model.cfg
+    slots, pos = cache.decode_rows
+    cos, sin = rope[0].contiguous(), rope[1].contiguous()
+    kernels.lib().decode_stack(
+        x.data_ptr(), x.shape[0], ctypes.addressof(layers), len(layers), cache.k.data_ptr(), cache.v.data_ptr(), slots.data_ptr(),
+        pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cache.k.shape[1],
+        cache.k.shape[3], cfg.head_dim, cfg.ffn_dim, model.layers[0].attn_norm.eps, cfg.head_dim ** -0.5,
+        kernels.THREADS)
+    return x
