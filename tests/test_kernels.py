@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -158,7 +160,7 @@ def _packed_tiny(qkv_bias: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     for p in model.parameters():
         torch.nn.init.normal_(p, 0.0, 0.3)
-    for i, blk in enumerate(model.layers):
+    for blk in model.layers:
         for parent, attr, qtype in ((blk.attn, "qkv", "Q4_1"), (blk.attn, "o", "Q8_0"), (blk.mlp, "gate_up", "Q4_0"),
                                     (blk.mlp, "down", "Q4_1")):
             old = getattr(parent, attr)
@@ -189,6 +191,7 @@ def test_decode_stack_in_one_call_is_bit_identical(qkv_bias: bool, monkeypatch) 
 
     together = run()
     assert fused.plan(model) is not None
+    assert fused.plan(copy.deepcopy(model)) is not None  # the cached plan's raw pointers stay behind
     monkeypatch.setattr(fused, "plan", lambda m: None)
     assert run() == together
     monkeypatch.undo()

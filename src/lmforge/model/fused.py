@@ -11,6 +11,7 @@ per-operation path.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ from .blocks import RMSNorm
 from .quant import PackedLinear
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
+# model -> (state, plan). Kept beside the model rather than on it: ctypes arrays of raw pointers must not
+# travel with a deepcopy or a pickle of the model.
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _PW(ctypes.Structure):
@@ -61,7 +65,7 @@ def plan(model: Any) -> Any:
             or cfg.position != "rope" or kernels.lib() is None or not kernels.ACT16):
         return None
     state = _state(model)
-    cached = getattr(model, "_fused_plan", None)
+    cached = _plans.get(model)
     if cached is not None and cached[0] == state:
         return cached[1]
     layers = []
@@ -73,7 +77,7 @@ def plan(model: Any) -> Any:
             break
         layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *ws))
     arr = (_Layer * len(layers))(*layers) if layers else None
-    model._fused_plan = (state, arr)
+    _plans[model] = (state, arr)
     return arr
 
 
