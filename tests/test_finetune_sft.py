@@ -328,3 +328,47 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_dir, tmp_path):
     assert run.step == 3 and (tmp_path / "c" / "step_0000003" / "trainer.pt").exists()
     again = FinetuneRun(tiny_dir, data, tmp_path / "c", _cfg(save_every=100), resume=True, log=lambda s: None)
     assert again.step == 3 and len(again.fit()) == 5 and (tmp_path / "c" / "final").exists()
+
+
+def _torchrun_sft(tiny_dir: Path, data: Path, out: Path, *extra: str) -> list[dict]:
+    """LoRA SFT on 2 gloo processes, batch 2 each; returns metrics.jsonl's records."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge",
+           "finetune", "sft", str(tiny_dir), "--data", str(data), "--out", str(out), "--method", "lora",
+           "--lora-r", "4", "--batch-size", "2", "--max-steps", "6", "--lr", "3e-3", "--val-fraction", "0.2",
+           "--eval-every", "4", "--save-every", "4", "--samples", "0", "--seed", "1", "--device", "cpu", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 6 steps") == 1  # rank 0 alone reports
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_matches_one_process(tiny_dir, tmp_path):
+    """2 processes with batch 2 step exactly like 1 process with batch 2 and 2 accumulated micro-batches,
+    and a torchrun run resumes from its checkpoint."""
+    from safetensors.torch import load_file
+
+    data = _sft_data(tmp_path)
+    one = FinetuneRun(tiny_dir, data, tmp_path / "one", _cfg(method="lora", lora_r=4, batch_size=2, grad_accum=2,
+                                                             max_steps=6, samples=0), log=lambda s: None)
+    reference = one.fit()
+    records = _torchrun_sft(tiny_dir, data, tmp_path / "two")
+    assert [r["step"] for r in records] == list(range(1, 7))  # one writer, no duplicates
+    assert [r["loss"] for r in records] == pytest.approx(reference, abs=1e-5)
+    assert records[3]["val_loss"] == pytest.approx(json.loads(
+        (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[3])["val_loss"], abs=1e-5)
+    a = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "two" / "final")
+    shutil.rmtree(tmp_path / "two" / "step_0000006")
+    resumed = _torchrun_sft(tiny_dir, data, tmp_path / "two", "--resume")
+    assert [r["loss"] for r in resumed] == pytest.approx(reference, abs=1e-5)

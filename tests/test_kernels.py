@@ -198,3 +198,10 @@ def test_decode_stack_in_one_call_is_bit_identical(qkv_bias: bool, monkeypatch) 
     with torch.no_grad():
         model.layers[1].mlp.down.weight.mul_(1.5)
     assert fused.plan(model) is None
+    # LoRA wrappers (no packed codes of their own) keep the per-operation path too, and still decode.
+    from lmforge.finetune.lora import LoraConfig, apply_lora
+
+    model = _packed_tiny(qkv_bias)
+    apply_lora(model, LoraConfig(r=2))
+    assert fused.plan(model) is None
+    assert len(run()[0][0]) == 8

@@ -84,7 +84,12 @@ def _run(cls: Any, args: argparse.Namespace) -> int:
               progress=sys.stderr.isatty())
     log(f"{run.kind}: {len(run.train_set)} training and {len(run.val_set)} validation examples, "
         f"{run.total_steps} steps at lr {run.lr:g} ({run.cfg.method})")
-    run.fit()
+    try:
+        run.fit()
+    finally:
+        run.close()
+    if not run.dist.main:
+        return 0
     scores = ", ".join(f"{k} {v:.4f}" for k, v in run.last_eval.items())
     print(f"trained {run.step} steps" + (f"; {scores}" if scores else ""))
     kind = "adapter" if run.lora else "model"

@@ -247,13 +247,9 @@ class RewardRun(DPORun):
 
 def finetune_dpo(model: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                  resume: bool = False, log: Callable[[str], None] = print, progress: bool = False) -> DPORun:
-    run = DPORun(model, data, out, cfg, resume=resume, log=log, progress=progress)
-    run.fit()
-    return run
+    return DPORun.train(model, data, out, cfg, resume, log, progress)
 
 
 def finetune_reward(model: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                     resume: bool = False, log: Callable[[str], None] = print, progress: bool = False) -> RewardRun:
-    run = RewardRun(model, data, out, cfg, resume=resume, log=log, progress=progress)
-    run.fit()
-    return run
+    return RewardRun.train(model, data, out, cfg, resume, log, progress)

@@ -6,6 +6,11 @@ loads; with ``lora``/``qlora`` it is an adapter directory (``adapter_model.safet
 ``adapter_config.json``) for the base model. Beside the weights, ``trainer.pt`` holds the optimizer,
 the step and the RNG state, so ``--resume`` continues exactly where the run stopped (the data order is
 a function of the seed and the epoch). Ctrl-C (SIGINT/SIGTERM) saves a checkpoint before stopping.
+
+Under torchrun every process holds the whole model and trains on its own micro-batches of each step
+(data parallel): gradients are averaged over the processes before every optimizer step, so N processes
+with batch B step like one process with B per micro-batch and N times the gradient accumulation. Only
+rank 0 logs, samples and writes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -33,10 +39,12 @@ from ..train.pretrain import (
     TrainConfig,
     _on_signals,
     _restore_signals,
+    barrier,
     checkpoints,
     latest_checkpoint,
     learning_rate,
     make_optimizer,
+    setup_distributed,
 )
 from .data import IGNORE, Example, build_sft_examples, iter_batches, load_conversations, split_val
 
@@ -151,8 +159,11 @@ class FinetuneRun:
 
         self.cfg = cfg = cfg or FinetuneConfig()
         cfg.validate()
+        # A no-op outside torchrun; under it, join the process group (each rank on its own GPU).
+        self.dist, self.device = setup_distributed(str(parse_device(cfg.device) if cfg.device else default_device()))
+        if not self.dist.main:
+            log, progress = (lambda s: None), False
         self.log, self.progress, self.out = log, progress, Path(out).expanduser()
-        self.device = parse_device(cfg.device) if cfg.device else default_device()
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         path = resolve(str(model))
         # Adapters record their base; a path is stored absolute so the adapter loads from anywhere.
@@ -181,7 +192,7 @@ class FinetuneRun:
             raise LMForgeError(f"{data}: no training examples left")
         self.lr = cfg.lr or self.default_lr[cfg.method]
         micro = math.ceil(len(self.train_set) / cfg.batch_size)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / (cfg.grad_accum * self.dist.world)))
         self.tc = TrainConfig(data="", out=str(self.out), lr=self.lr, min_lr=self.lr * cfg.min_lr_fraction,
                               max_iters=self.total_steps, warmup_iters=int(cfg.warmup_fraction * self.total_steps),
                               weight_decay=cfg.weight_decay, betas=(0.9, 0.999), grad_clip=cfg.grad_clip)
@@ -193,6 +204,7 @@ class FinetuneRun:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.module, self.tc, self.device)
         self.step = 0
+        self.consumed = 0  # micro-batches drawn from the data order, by all ranks together
         self.metrics = self.out / "metrics.jsonl"
         self.last_eval: dict[str, float] = {}
         self.setup()
@@ -334,27 +346,37 @@ class FinetuneRun:
                 "settings": dataclasses.asdict(self.cfg)}
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint (the ranks' weights are identical); every rank waits for it."""
         path = self.out / f"step_{self.step:07d}"
-        with atomic_dir(path) as tmp:
-            self.save_weights(tmp)
-            state = {"step": self.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "extra": self.extra_state()}
-            if self.device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-            torch.save(state, tmp / TRAINER_STATE)
-            (tmp / RUN_CONFIG).write_text(json.dumps(self._run_config(), indent=2), encoding="utf-8")
-        for old in checkpoints(self.out)[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.dist.main:
+            with atomic_dir(path) as tmp:
+                self.save_weights(tmp)
+                state = {"step": self.step, "micro_batches": self.consumed, "optimizer": self.opt.state_dict(),
+                         "torch_rng": torch.get_rng_state(), "extra": self.extra_state()}
+                if self.device.type == "cuda":
+                    state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+                torch.save(state, tmp / TRAINER_STATE)
+                (tmp / RUN_CONFIG).write_text(json.dumps(self._run_config(), indent=2), encoding="utf-8")
+            for old in checkpoints(self.out)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return path
 
     def save_final(self) -> Path:
         path = self.out / "final"
-        with atomic_dir(path) as tmp:
-            self.save_weights(tmp)
-            info = self._run_config() | {"steps": self.step, "data": dataclasses.asdict(self.stats),
-                                         "final_eval": self.last_eval}
-            (tmp / RUN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        if self.dist.main:
+            with atomic_dir(path) as tmp:
+                self.save_weights(tmp)
+                info = self._run_config() | {"steps": self.step, "data": dataclasses.asdict(self.stats),
+                                             "final_eval": self.last_eval}
+                (tmp / RUN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        barrier()
         return path
+
+    def close(self) -> None:
+        """Leave the process group (torchrun); harmless otherwise."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def _resume(self) -> None:
         from ..fsutil import read_json
@@ -380,7 +402,8 @@ class FinetuneRun:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.load_extra_state(state.get("extra") or {})
         self.step = int(state["step"])
-        if self.metrics.exists():  # forget metrics logged after the checkpoint
+        self.consumed = int(state.get("micro_batches", self.step * self.cfg.grad_accum))
+        if self.metrics.exists() and self.dist.main:  # forget metrics logged after the checkpoint
             kept = [line for line in self.metrics.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step]
             with atomic_file(self.metrics) as tmp:
@@ -388,6 +411,17 @@ class FinetuneRun:
         self.log(f"resumed from {path} at step {self.step}")
 
     # -- loop ------------------------------------------------------------------------------------------------
+    @classmethod
+    def train(cls, model: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
+              resume: bool = False, log: Callable[[str], None] = print, progress: bool = False) -> Any:
+        """Build a run, train it to the end and leave any process group; returns the finished run."""
+        run = cls(model, data, out, cfg, resume=resume, log=log, progress=progress)
+        try:
+            run.fit()
+        finally:
+            run.close()
+        return run
+
     def fit(self, until: int | None = None) -> list[float]:
         """Train to the last step (or stop after step `until`); returns each step's loss. Writes `final/`
         when the run completes."""
@@ -415,7 +449,8 @@ class FinetuneRun:
     def _loop(self, bar: Any, losses: list[float], stop: list[int], until: int | None) -> bool:
         cfg = self.cfg
         end = min(self.total_steps, until or self.total_steps)
-        batches = iter_batches(self.lengths, cfg.batch_size, cfg.seed, self.step * cfg.grad_accum)
+        world, rank = self.dist.world, self.dist.rank
+        batches = iter_batches(self.lengths, cfg.batch_size, cfg.seed, self.consumed)
         self.module.train()
         while self.step < end:
             lr = learning_rate(self.tc, self.step)
@@ -424,11 +459,16 @@ class FinetuneRun:
             total = 0.0
             stats: dict[str, float] = {}
             for _ in range(cfg.grad_accum):
-                loss, st = self.batch_loss([self.train_set[i] for i in next(batches)])
+                mine = [next(batches) for _ in range(world)][rank]  # each rank its own micro-batch
+                self.consumed += world
+                loss, st = self.batch_loss([self.train_set[i] for i in mine])
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
                 for k, v in st.items():
                     stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
+            self._average_gradients()
+            # One collective a step: the logged values averaged over ranks, and whether any was signalled.
+            total, stats, interrupted = self._average_log(total, stats, bool(stop))
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             self.opt.step()
@@ -439,27 +479,49 @@ class FinetuneRun:
             if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                 self.last_eval = self.evaluate()
                 record |= self.last_eval
-                if cfg.samples:
+                if cfg.samples and self.dist.main:
                     samples = self.sample()
                     if samples:
                         record["samples"] = samples
                         for s in samples:
                             self.log(f"sample at step {self.step}: {s['prompt'][:60]!r} -> {s['reply'][:200]!r}")
-            with self.metrics.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.dist.main:
+                with self.metrics.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", **{k: f"{v:.4f}" for k, v in self.last_eval.items()})
             bar.update(1)
-            if stop:
+            if interrupted:
                 return True
             if self.step % cfg.save_every == 0 or self.step == self.total_steps:
                 self.save()
         return False
 
 
+    def _average_gradients(self) -> None:
+        """Average the trainable parameters' gradients over ranks: one all-reduce of them all, flattened."""
+        if self.dist.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.dist.world
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def _average_log(self, total: float, stats: dict[str, float], stop: bool) -> tuple[float, dict[str, float], bool]:
+        if self.dist.world == 1:
+            return total, stats, stop
+        keys = sorted(stats)
+        t = torch.tensor([total, *(stats[k] for k in keys), float(stop)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        t /= self.dist.world
+        return float(t[0]), {k: float(v) for k, v in zip(keys, t[1:-1])}, bool(t[-1] > 0)
+
+
 def finetune_sft(model: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                  resume: bool = False, log: Callable[[str], None] = print, progress: bool = False) -> FinetuneRun:
     """Instruction-tune MODEL on DATA; returns the finished run (its `final` directory, `last_eval`)."""
-    run = FinetuneRun(model, data, out, cfg, resume=resume, log=log, progress=progress)
-    run.fit()
-    return run
+    return FinetuneRun.train(model, data, out, cfg, resume, log, progress)
 

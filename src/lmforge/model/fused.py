@@ -52,9 +52,10 @@ def _state(model: Any) -> tuple:
     parts: list[Any] = []
     for blk in model.layers:
         for m in (blk.attn_norm, blk.mlp_norm, blk.attn.qkv, blk.attn.o, blk.mlp.gate_up, blk.mlp.down):
-            parts += (id(m), id(getattr(m, "packed", None)), m.weight._version)
-            bias = getattr(m, "bias", None)
-            parts.append(bias._version if bias is not None else -1)
+            # LoRA wrappers and other replacements have no weight of their own; the plan refuses them.
+            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+            parts += (id(m), id(getattr(m, "packed", None)), weight._version if weight is not None else -1,
+                      bias._version if bias is not None else -1)
     return tuple(parts)
 
 
