@@ -328,7 +328,9 @@ def test_smollm2_hellaswag_matches_transformers(smollm2_path: Path, tmp_path: Pa
         for c, x in groups[0]:
             lp = hf(input_ids=torch.tensor([c + x])).logits.float().log_softmax(-1)[0]
             theirs.append(sum(float(lp[len(c) - 1 + j, t]) for j, t in enumerate(x)))
-    assert ours == pytest.approx(theirs, abs=2e-3)
+    # Short continuations (16 tokens or fewer a batch) go through the packed products, whose int16
+    # activations move logits by up to ~1e-2 (docs/benchmarks.md): a few 1e-3 over a 9-token sum.
+    assert ours == pytest.approx(theirs, abs=5e-3)
 
 
 def test_compare_paired_and_independent_stderr(tmp_path: Path) -> None:
