@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LMForgeError
-from ..formats import default_device, load_checkpoint, parse_device
+from ..formats import load_checkpoint, parse_device
 from ..fsutil import atomic_dir, atomic_file
 from ..train.pretrain import (
     TRAINER_STATE,
@@ -44,6 +44,7 @@ from ..train.pretrain import (
     latest_checkpoint,
     learning_rate,
     make_optimizer,
+    mean_over_ranks,
     setup_distributed,
 )
 from .data import IGNORE, Example, build_sft_examples, iter_batches, load_conversations, split_val
@@ -160,7 +161,7 @@ class FinetuneRun:
         self.cfg = cfg = cfg or FinetuneConfig()
         cfg.validate()
         # A no-op outside torchrun; under it, join the process group (each rank on its own GPU).
-        self.dist, self.device = setup_distributed(str(parse_device(cfg.device) if cfg.device else default_device()))
+        self.dist, self.device = setup_distributed(str(parse_device(cfg.device)) if cfg.device else None)
         if not self.dist.main:
             log, progress = (lambda s: None), False
         self.log, self.progress, self.out = log, progress, Path(out).expanduser()
@@ -496,27 +497,21 @@ class FinetuneRun:
                 self.save()
         return False
 
-
     def _average_gradients(self) -> None:
         """Average the trainable parameters' gradients over ranks: one all-reduce of them all, flattened."""
         if self.dist.world == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.dist.world
+        flat = mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for p in self.params:
             p.grad = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
 
     def _average_log(self, total: float, stats: dict[str, float], stop: bool) -> tuple[float, dict[str, float], bool]:
-        if self.dist.world == 1:
-            return total, stats, stop
         keys = sorted(stats)
-        t = torch.tensor([total, *(stats[k] for k in keys), float(stop)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        t /= self.dist.world
+        t = mean_over_ranks(torch.tensor([total, *(stats[k] for k in keys), float(stop)], dtype=torch.float64,
+                                         device=self.device))
         return float(t[0]), {k: float(v) for k, v in zip(keys, t[1:-1])}, bool(t[-1] > 0)
 
 

@@ -173,6 +173,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over the ranks of a torchrun job (every rank must call this); unchanged when alone."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values / dist.get_world_size()
+    return values
+
+
 class Batches:
     """Random windows of block_size + 1 tokens from a split, from a seeded generator (part of the state).
 
@@ -392,13 +400,6 @@ class Trainer:
             logits = (model or self.model)(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100)
 
-    def _mean(self, values: torch.Tensor) -> torch.Tensor:
-        """Average a tensor over ranks (every rank must call this)."""
-        if self.dist.world > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values = values / self.dist.world
-        return values
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss over eval_iters fixed windows, and bits per byte."""
@@ -409,7 +410,7 @@ class Trainer:
         losses = torch.stack([self.loss(*batches.next(self.device, self.masking))
                               for _ in range(self.cfg.eval_iters)])
         self.model.train()
-        loss = float(self._mean(losses.mean()).item())
+        loss = float(mean_over_ranks(losses.mean()).item())
         out = {"val_loss": loss}
         n_bytes, tokens = self.meta.get("bytes"), self.meta["train"]["tokens"] + self.meta["val"]["tokens"]
         if n_bytes and tokens and self.masking is None:  # nats/token -> bits/byte, with the corpus's tokens/byte
@@ -485,7 +486,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
             # One collective per step: the mean loss for the log, and whether any rank was signalled.
-            stats = self._mean(torch.stack([total.float(), torch.tensor(float(bool(stop)), device=self.device)]))
+            stats = mean_over_ranks(torch.stack([total.float(), torch.tensor(float(bool(stop)), device=self.device)]))
             loss_value, interrupted = float(stats[0]), bool(stats[1] > 0)
             losses.append(loss_value)
             tok_s = tokens_per_step / max(time.time() - t0, 1e-9)
