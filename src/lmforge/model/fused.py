@@ -60,7 +60,8 @@ def _state(model: Any) -> tuple:
 
 
 def plan(model: Any) -> Any:
-    """The ctypes array describing the model's blocks, cached on the model; None when they don't qualify."""
+    """The ctypes array describing the model's blocks (cached per model until a weight changes); None when
+    they don't qualify."""
     cfg = model.cfg
     if (cfg.norm != "rmsnorm" or cfg.norm_position != "pre" or cfg.mlp != "swiglu" or cfg.activation != "silu"
             or cfg.position != "rope" or kernels.lib() is None or not kernels.ACT16):
