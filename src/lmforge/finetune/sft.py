@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,11 +39,12 @@ from ..train.pretrain import (
     _on_signals,
     _restore_signals,
     barrier,
-    checkpoints,
+    clean_run_dir,
     latest_checkpoint,
     learning_rate,
     make_optimizer,
     mean_over_ranks,
+    prune_checkpoints,
     setup_distributed,
 )
 from .data import IGNORE, Example, build_sft_examples, iter_batches, load_conversations, split_val
@@ -209,6 +209,9 @@ class FinetuneRun:
         self.metrics = self.out / "metrics.jsonl"
         self.last_eval: dict[str, float] = {}
         self.setup()
+        if self.dist.main:
+            clean_run_dir(self.out, self.log)
+        barrier()  # every rank sees the cleaned directory before choosing a checkpoint
         if resume:
             self._resume()
 
@@ -358,8 +361,7 @@ class FinetuneRun:
                     state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
                 torch.save(state, tmp / TRAINER_STATE)
                 (tmp / RUN_CONFIG).write_text(json.dumps(self._run_config(), indent=2), encoding="utf-8")
-            for old in checkpoints(self.out)[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.out, self.cfg.keep_last)
         barrier()
         return path
 

@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .presets import PRESETS
-    from .pretrain import TrainConfig, Trainer, barrier, setup_distributed
+    from .pretrain import TrainConfig, Trainer, barrier, latest_checkpoint, setup_distributed
 
     recipe: dict[str, Any] = {}
     if args.preset:
@@ -204,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = trainer.last_eval or trainer.evaluate()  # fit evaluates at its last step
         if trainer.dist.main:
             print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-            print(f"checkpoint: {sorted(out.glob('step_*'))[-1]}")
+            print(f"checkpoint: {latest_checkpoint(out)}")
     finally:
         trainer.close()
     return 0

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..errors import LMForgeError
 from ..formats import default_device
 from ..formats.export import write_hf
-from ..fsutil import atomic_dir, read_json
+from ..fsutil import atomic_dir, atomic_file, read_json, remove_dir, sweep_leftovers
 from ..model import ModelConfig, Transformer
 from ..tokenizer import Tokenizer
 from .data import load_split
@@ -261,6 +261,31 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step_*") if (p / TRAINER_STATE).exists())
 
 
+def prune_checkpoints(out: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints; an interrupted deletion leaves no `step_*` behind."""
+    for old in checkpoints(out)[:-keep_last]:
+        remove_dir(old)
+
+
+def clean_run_dir(out: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Remove what a killed run left in its directory (and say so); returns what went.
+
+    That is checkpoint staging and half-done swaps and prunings (see `fsutil.sweep_leftovers`), and
+    `step_*` directories without trainer state, which no complete save leaves (earlier versions' prunings
+    deleted checkpoints in place).
+    """
+    if not out.is_dir():
+        return []
+    gone = sweep_leftovers(out, r"step_\d+|final|metrics\.jsonl")
+    for p in out.glob("step_*"):
+        if re.fullmatch(r"step_\d+", p.name) and p.is_dir() and not (p / TRAINER_STATE).exists():
+            remove_dir(p)
+            gone.append(p)
+    if gone:
+        log(f"removed {len(gone)} leftover(s) of an interrupted run from {out}")
+    return gone
+
+
 def latest_checkpoint(out: Path) -> Path:
     """The checkpoint `--resume` continues from; a one-line error when there is none."""
     ckpts = checkpoints(out)
@@ -284,8 +309,8 @@ class Trainer:
             raise LMForgeError(f"{data}: not a prepared data directory (run `lmforge data prepare`)")
         self.meta = read_json(data / "metadata.json")
         self.tokenizer = Tokenizer.from_dir(data) if (data / "tokenizer.json").exists() else None
-        self.model_cfg = ModelConfig(**{"vocab_size": self.meta["vocab_size"],
-                                        "context_length": cfg.block_size, **cfg.model})
+        self.model_cfg = ModelConfig.from_dict({"vocab_size": self.meta["vocab_size"],
+                                                "context_length": cfg.block_size, **cfg.model})
         self.out = Path(cfg.out)
         self.step = 0
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -314,6 +339,9 @@ class Trainer:
         self.val = val if len(val) > cfg.block_size + 1 else None
         self.metrics = self.out / "metrics.jsonl"
         self.last_eval: dict[str, float] = {}  # the latest evaluation fit ran
+        if self.dist.main:
+            clean_run_dir(self.out, self.log)
+        barrier()  # every rank sees the cleaned directory before choosing a checkpoint
         if resume:
             self._resume()
 
@@ -356,8 +384,7 @@ class Trainer:
                             "model_config": dataclasses.asdict(self.model_cfg)}, tmp / TRAINER_STATE)
                 (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2),
                                                        encoding="utf-8")
-            for old in checkpoints(self.out)[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.out, self.cfg.keep_last)
         barrier()
         return path
 
@@ -384,9 +411,8 @@ class Trainer:
         if self.dist.main and self.metrics.exists():  # forget metrics logged after the checkpoint
             kept = [line for line in self.metrics.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            tmp = self.metrics.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, self.metrics)
+            with atomic_file(self.metrics) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self.log(f"resumed from {path} at step {self.step}")
 
     # -- loop ----------------------------------------------------------------------------------------------
