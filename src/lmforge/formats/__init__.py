@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,11 +128,14 @@ def open_source(path: str | Path) -> Source:
         raise LMForgeError(f"no such file or directory: {path}")
     if path.is_dir():
         from ..fsutil import read_json
-        from .hf import config_from_hf, tensor_names
+        from .hf import config_from_hf, header_state_dict, tensor_shapes
 
         if not (path / "config.json").exists():
             raise LMForgeError(f"{path}: not a model directory (no config.json)")
-        cfg = config_from_hf(read_json(path / "config.json"), tensor_names(path))
+        shapes = tensor_shapes(path)
+        cfg = config_from_hf(read_json(path / "config.json"), set(shapes))
+        layer_key = "n_layer" if cfg.family == "gpt2" else "num_hidden_layers"
+        check_layout(cfg, set(shapes), lambda: header_state_dict(cfg, shapes), f"{path}: config.json", layer_key)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         return Source(path, "hf", cfg, tok)
     if path.suffix.lower() != ".gguf":
@@ -138,7 +143,35 @@ def open_source(path: str | Path) -> Source:
     from .gguf import GGUFFile
 
     g = GGUFFile(path)
-    return Source(path, "gguf", g.config(), Tokenizer.from_gguf_metadata(g.meta), g)
+    cfg = g.config()
+    check_layout(cfg, set(g.tensors), lambda: g.state_dict(cfg, headers_only=True), f"{path}: GGUF metadata",
+                 f"{g.arch}.block_count")
+    return Source(path, "gguf", cfg, Tokenizer.from_gguf_metadata(g.meta), g)
+
+
+# The tensor-name piece that numbers layers: "model.layers.3.", "transformer.h.3.", "encoder.layer.3.", "blk.3.".
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blk)\.(\d+)\.")
+
+
+def check_layout(cfg: ModelConfig, names: set[str], header_weights: Callable[[], Iterable[tuple[str, Any]]],
+                 where: str, layer_key: str) -> None:
+    """The file's tensors against its config, from headers alone and before any model is built: a
+    config that disagrees with the weights (a layer count, a width) is refused at once, not after
+    building every layer it names. ``header_weights`` yields our (name, meta tensor) pairs."""
+    layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
+    if len(layers) != cfg.n_layers:
+        n = len(layers)
+        raise LMForgeError(f"{where} gives {layer_key}={cfg.n_layers}, but the weights hold {n} layer{'s' * (n != 1)}")
+    with torch.device("meta"):  # one block stands for all: every block has the same shapes
+        one = Transformer(dataclasses.replace(cfg, n_layers=1, sliding_layers=None))
+    expected = {k: tuple(v.shape) for k, v in one.state_dict().items()}
+    for name, t in header_weights():
+        key = _LAYER_INDEX.sub(".layers.0.", "." + name, count=1).lstrip(".")
+        if key not in expected:
+            raise LMForgeError(f"unexpected tensor {name!r} for a {cfg.family} model")
+        if tuple(t.shape) != expected[key]:
+            raise LMForgeError(f"{where} does not match the weights: tensor {name!r} has shape {tuple(t.shape)}, "
+                               f"the config expects {expected[key]}")
 
 
 def placement(device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -54,6 +54,18 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.family == "llama":
         out |= {"attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
+    if cfg.sliding_window:  # Mistral slides every layer; Qwen2 names its sliding layers
+        if cfg.family == "qwen2":
+            slide = set(range(cfg.n_layers) if cfg.sliding_layers is None else cfg.sliding_layers)
+            out |= {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "layer_types": [
+                "sliding_attention" if i in slide else "full_attention" for i in range(cfg.n_layers)]}
+        elif cfg.sliding_layers is not None or cfg.qkv_bias or cfg.mlp_bias:
+            raise LMForgeError("an HF Mistral config slides every layer and has no biases; this model differs")
+        else:
+            for key in ("attention_bias", "mlp_bias"):
+                out.pop(key)
+            out |= {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                    "sliding_window": cfg.sliding_window}
     return out
 
 

@@ -19,6 +19,7 @@ from ..model.quant import PackedWeight, from_gguf_blocks
 Weight = torch.Tensor | PackedWeight
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
+_MISSING = object()
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -131,35 +132,64 @@ class GGUFFile:
     def arch_key(self, key: str, default: Any = None) -> Any:
         return self.meta.get(f"{self.arch}.{key}", default)
 
+    def _key(self, key: str, kind: str, default: Any = _MISSING) -> Any:
+        """Metadata ``{arch}.{key}`` checked against its type ("size": a positive integer, "number", "text"):
+        a one-line error naming the key, not a TypeError later."""
+        full = f"{self.arch}.{key}"
+        value = self.meta.get(full)
+        if value is None:
+            if default is _MISSING:
+                raise LMForgeError(f"{self.path}: GGUF metadata lacks {full}")
+            return default
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        ok = {"size": integer and value > 0, "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "text": isinstance(value, str)}[kind]
+        if not ok:
+            want = {"size": "a positive integer", "number": "a number", "text": "a string"}[kind]
+            raise LMForgeError(f"{self.path}: GGUF metadata {full} must be {want}, got {value!r}")
+        return value
+
     def config(self) -> ModelConfig:
-        a = self.arch_key
-        n_heads = int(a("attention.head_count"))
-        dim = int(a("embedding_length"))
-        vocab = a("vocab_size") or len(self.meta.get("tokenizer.ggml.tokens", [])) or None
+        k = self._key
+        n_heads = k("attention.head_count", "size")
+        dim = k("embedding_length", "size")
+        vocab = self.meta.get(f"{self.arch}.vocab_size") or len(self.meta.get("tokenizer.ggml.tokens", [])) or None
         if vocab is None:
-            vocab = self.tensors["token_embd.weight"].shape[1]
+            vocab = self.tensors["token_embd.weight"].shape[1] if "token_embd.weight" in self.tensors else 0
         common = dict(
-            vocab_size=int(vocab), dim=dim, n_layers=int(a("block_count")), n_heads=n_heads,
-            ffn_dim=int(a("feed_forward_length")), context_length=int(a("context_length", 2048)),
+            vocab_size=int(vocab) if isinstance(vocab, int) else vocab, dim=dim, n_layers=k("block_count", "size"),
+            n_heads=n_heads, ffn_dim=k("feed_forward_length", "size"), context_length=k("context_length", "size", 2048),
         )
+        # llama.cpp writes a sliding window for Mistral-style models; qwen2 files do not say which layers
+        # slide, and GPT-2 has none: refused rather than dropped.
+        if self.meta.get(f"{self.arch}.expert_count"):
+            raise LMForgeError(f"{self.path}: mixture-of-experts models ({self.arch}.expert_count) are not supported")
+        window = k("attention.sliding_window", "size", 0)
+        if window and self.arch != "llama":
+            raise LMForgeError(f"{self.path}: {self.arch}.attention.sliding_window is not supported for "
+                               f"architecture {self.arch} (supported: llama)")
         if self.arch == "gpt2":
-            return ModelConfig(family="gpt2", norm="layernorm", norm_eps=float(a("attention.layer_norm_epsilon", 1e-5)),
+            return ModelConfig(family="gpt2", norm="layernorm", norm_eps=float(k("attention.layer_norm_epsilon", "number",
+                                                                                 1e-5)),
                                mlp="gelu", activation="gelu_tanh", position="learned", qkv_bias=True, out_bias=True,
                                mlp_bias=True, tie_embeddings="output.weight" not in self.tensors, **common)
         scaling = None
-        kind = a("rope.scaling.type")
+        kind = k("rope.scaling.type", "text", None)
         if kind and kind != "none":
-            scaling = {"type": kind, "factor": float(a("rope.scaling.factor", 1.0))}
-            if a("rope.scaling.original_context_length"):
-                scaling["original_max_position_embeddings"] = int(a("rope.scaling.original_context_length"))
+            scaling = {"type": kind, "factor": float(k("rope.scaling.factor", "number", 1.0))}
+            if self.meta.get(f"{self.arch}.rope.scaling.original_context_length"):
+                scaling["original_max_position_embeddings"] = k("rope.scaling.original_context_length", "size")
+        if k("rope.dimension_count", "size", None) not in (None, k("attention.key_length", "size", dim // n_heads)):
+            raise LMForgeError(f"{self.path}: {self.arch}.rope.dimension_count differs from the head size: partial "
+                               "rotary embeddings are not supported")
         return ModelConfig(
             family="qwen2" if self.arch == "qwen2" else "llama",
-            n_kv_heads=int(a("attention.head_count_kv", n_heads)),
-            head_dim=int(a("attention.key_length") or a("rope.dimension_count") or dim // n_heads),
-            norm="rmsnorm", norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
-            mlp="swiglu", activation="silu", position="rope", rope_theta=float(a("rope.freq_base", 10000.0)),
+            n_kv_heads=k("attention.head_count_kv", "size", n_heads),
+            head_dim=k("attention.key_length", "size", None) or k("rope.dimension_count", "size", None) or dim // n_heads,
+            norm="rmsnorm", norm_eps=float(k("attention.layer_norm_rms_epsilon", "number", 1e-6)),
+            mlp="swiglu", activation="silu", position="rope", rope_theta=float(k("rope.freq_base", "number", 10000.0)),
             rope_scaling=scaling, qkv_bias="blk.0.attn_q.bias" in self.tensors,
-            tie_embeddings="output.weight" not in self.tensors, **common,
+            tie_embeddings="output.weight" not in self.tensors, sliding_window=window, **common,
         )
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -188,10 +218,18 @@ class GGUFFile:
                 return qw
         return self.tensor(name)
 
-    def state_dict(self, cfg: ModelConfig, packed: bool = False) -> Iterator[tuple[str, Weight]]:
-        """Yield our (name, weight) pairs one at a time; with ``packed``, matrices may stay as codes."""
-        get = self.tensor
-        w = lambda name: self.weight(name, packed)  # noqa: E731
+    def header_tensor(self, name: str) -> torch.Tensor:
+        """A meta tensor of one tensor's shape ([out, in] layout), from the header: no data read."""
+        if name not in self.tensors:
+            raise LMForgeError(f"{self.path}: tensor {name!r} missing")
+        return torch.empty(tuple(int(x) for x in reversed(self.tensors[name].shape)), device="meta")
+
+    def state_dict(self, cfg: ModelConfig, packed: bool = False, headers_only: bool = False
+                   ) -> Iterator[tuple[str, Weight]]:
+        """Yield our (name, weight) pairs one at a time; with ``packed``, matrices may stay as codes; with
+        ``headers_only``, meta tensors of the right shapes (a layout check that reads no weights)."""
+        get = self.header_tensor if headers_only else self.tensor
+        w = get if headers_only else lambda name: self.weight(name, packed)
         yield "tok_emb.weight", get("token_embd.weight")
         if cfg.family == "gpt2":
             yield "pos_emb.weight", get("position_embd.weight")
@@ -224,7 +262,7 @@ class GGUFFile:
             yield "norm.bias", get("output_norm.bias")
         if not cfg.tie_embeddings:
             yield "lm_head.weight", w("output.weight")
-        elif packed:
+        elif packed and not headers_only:
             head = w("token_embd.weight")
             if isinstance(head, PackedWeight):  # codes of the tied matrix, for the output layer
                 yield "lm_head.weight", head

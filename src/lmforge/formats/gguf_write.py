@@ -87,6 +87,9 @@ def _arch(cfg: ModelConfig) -> str:
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
     if kind not in (None, "default", "linear"):
         raise LMForgeError(f"cannot write rope scaling {kind!r} to GGUF yet (supported: linear)")
+    if cfg.sliding_window and (cfg.family != "llama" or cfg.sliding_layers is not None):
+        raise LMForgeError("cannot write this sliding-window model as GGUF: only a llama model whose layers all "
+                           "slide has a place for its window there")
     return cfg.family
 
 
@@ -268,6 +271,8 @@ def _add_metadata(w: GGUFWriter, cfg: ModelConfig, meta: dict[str, Any], name: s
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_rope_dimension_count(cfg.head_dim)
+        if cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
         if cfg.head_dim != cfg.dim // cfg.n_heads:
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)

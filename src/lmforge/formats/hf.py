@@ -19,71 +19,161 @@ _ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh"
         "gelu_fast": "gelu_tanh", "relu": "relu"}
 
 
-def _act(name: str) -> str:
+_MISSING = object()
+_KINDS = {"size": "a positive integer", "count": "a non-negative integer", "number": "a number",
+          "flag": "true or false", "text": "a string"}
+
+
+def _get(hf: dict[str, Any], key: str, kind: str, default: Any = _MISSING) -> Any:
+    """config.json's ``key``, checked against its JSON type: a one-line error naming it, not a TypeError
+    deep inside the model. A null value counts as absent."""
+    value = hf.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise LMForgeError(f"config.json lacks {key!r}")
+        return default
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    ok = {"size": integer and value > 0, "count": integer and value >= 0,
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "flag": isinstance(value, bool), "text": isinstance(value, str)}[kind]
+    if not ok:
+        raise LMForgeError(f"config.json: {key} must be {_KINDS[kind]}, got {value!r}")
+    return value
+
+
+def _act(hf: dict[str, Any], key: str, default: str) -> str:
+    name = _get(hf, key, "text", default)
     if name not in _ACT:
-        raise LMForgeError(f"unsupported activation {name!r} in config.json")
+        raise LMForgeError(f"unsupported {key} {name!r} in config.json (supported: {', '.join(sorted(_ACT))})")
     return _ACT[name]
+
+
+def _refuse(hf: dict[str, Any], key: str, honoured: Any, why: str) -> None:
+    """An option that changes the math and that lmforge does not implement: refused, never dropped."""
+    if key in hf and hf[key] is not None and hf[key] != honoured:
+        raise LMForgeError(f"unsupported config.json option {key}={hf[key]!r}: {why}")
 
 
 def config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None) -> ModelConfig:
     """Map a transformers config.json onto ModelConfig. ``tensor_names`` (the checkpoint's) settles which
-    optional encoder parts (pooler, MLM head) are present; without them the architecture name decides."""
-    mt = hf.get("model_type")
+    optional encoder parts (pooler, MLM head) are present; without them the architecture name decides.
+    An option that changes the computation and is not implemented is refused, naming it."""
+    if not isinstance(hf, dict):
+        raise LMForgeError("config.json must hold a JSON object")
+    mt = _get(hf, "model_type", "text", None)
+    if hf.get("quantization_config"):  # e.g. fp8 or GPTQ weights, whose scales the loader would drop
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+        raise LMForgeError(f"unsupported config.json option quantization_config (quant_method {method!r}): "
+                           "lmforge loads unquantized safetensors; convert the model or use a GGUF file")
     if mt in _BERT_LIKE:
         return _bert_config(hf, tensor_names)
     if mt in _LLAMA_LIKE:
-        n_heads = hf["num_attention_heads"]
+        n_heads = _get(hf, "num_attention_heads", "size")
+        dim = _get(hf, "hidden_size", "size")
+        n_layers = _get(hf, "num_hidden_layers", "size")
+        rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+        if partial not in (None, 1, 1.0):
+            raise LMForgeError(f"unsupported config.json option partial_rotary_factor={partial!r}: "
+                               "lmforge rotates whole heads")
+        window, sliding = _sliding_window(hf, mt, n_layers)
+        attention_bias = _get(hf, "attention_bias", "flag", False)
         return ModelConfig(
             family="qwen2" if mt == "qwen2" else "llama",
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
+            vocab_size=_get(hf, "vocab_size", "size"),
+            dim=dim,
+            n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            ffn_dim=hf["intermediate_size"],
+            n_kv_heads=_get(hf, "num_key_value_heads", "size", n_heads),
+            head_dim=_get(hf, "head_dim", "size", dim // n_heads),
+            ffn_dim=_get(hf, "intermediate_size", "size"),
             norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            norm_eps=float(_get(hf, "rms_norm_eps", "number", 1e-6)),
             mlp="swiglu",
-            activation=_act(hf.get("hidden_act", "silu")),
+            activation=_act(hf, "hidden_act", "silu"),
             position="rope",
-            rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_theta=float(_get(hf, "rope_theta", "number", None) or _get(rope, "rope_theta", "number", 10000.0)),
             rope_scaling=_rope_scaling(hf),
-            qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
-            out_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            context_length=hf.get("max_position_embeddings", 2048),
+            qkv_bias=mt == "qwen2" or attention_bias,
+            out_bias=attention_bias,
+            mlp_bias=_get(hf, "mlp_bias", "flag", False),
+            tie_embeddings=_get(hf, "tie_word_embeddings", "flag", False),
+            context_length=_get(hf, "max_position_embeddings", "size", 2048),
+            sliding_window=window,
+            sliding_layers=sliding,
         )
     if mt == "gpt2":
+        _refuse(hf, "scale_attn_weights", True, "lmforge always scales attention scores by 1/sqrt(head_dim)")
+        _refuse(hf, "scale_attn_by_inverse_layer_idx", False, "lmforge does not scale attention by layer index")
+        _refuse(hf, "tie_word_embeddings", True, "lmforge's GPT-2 ties its output matrix to the token embedding")
+        dim = _get(hf, "n_embd", "size")
         return ModelConfig(
             family="gpt2",
-            vocab_size=hf["vocab_size"],
-            dim=hf["n_embd"],
-            n_layers=hf["n_layer"],
-            n_heads=hf["n_head"],
-            ffn_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+            vocab_size=_get(hf, "vocab_size", "size"),
+            dim=dim,
+            n_layers=_get(hf, "n_layer", "size"),
+            n_heads=_get(hf, "n_head", "size"),
+            ffn_dim=_get(hf, "n_inner", "size", 4 * dim),
             norm="layernorm",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            norm_eps=float(_get(hf, "layer_norm_epsilon", "number", 1e-5)),
             mlp="gelu",
-            activation=_act(hf.get("activation_function", "gelu_new")),
+            activation=_act(hf, "activation_function", "gelu_new"),
             position="learned",
             qkv_bias=True,
             out_bias=True,
             mlp_bias=True,
             tie_embeddings=True,
-            context_length=hf.get("n_positions", 1024),
+            context_length=_get(hf, "n_positions", "size", 1024),
         )
     raise LMForgeError(f"unsupported model_type {mt!r} in config.json "
-                       "(supported: llama, mistral, qwen2, gpt2, bert, roberta)")
+                       "(supported: llama, mistral, qwen2, gpt2, bert, roberta, xlm-roberta)")
+
+
+def _sliding_window(hf: dict[str, Any], mt: str, n_layers: int) -> tuple[int, list[int] | None]:
+    """(window, sliding layers) as transformers reads them: Mistral slides every layer when
+    ``sliding_window`` is set; Qwen2 only with ``use_sliding_window``, in the layers ``layer_types`` names
+    (by default those from ``max_window_layers`` on); Llama has no sliding window."""
+    types = hf.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise LMForgeError(f"config.json: layer_types must list one type per layer ({n_layers}), got {types!r}")
+        bad = [t for t in types if t not in ("full_attention", "sliding_attention")]
+        if bad:
+            raise LMForgeError(f"unsupported config.json layer type {bad[0]!r} "
+                               "(supported: full_attention, sliding_attention)")
+    if mt == "llama":
+        if types is not None and "sliding_attention" in types:
+            raise LMForgeError("config.json: layer_types asks for sliding attention, which a llama model has not")
+        return 0, None
+    # transformers' default window (4096) applies when the key is absent; an explicit null turns it off.
+    window = _get(hf, "sliding_window", "size", 0) if "sliding_window" in hf else 4096
+    if mt == "mistral":
+        if window and types is not None and "full_attention" in types:
+            raise LMForgeError("config.json: layer_types asks for full attention in some layers, but model_type "
+                               "mistral slides every layer")
+        return window, None
+    # qwen2
+    if not window or not _get(hf, "use_sliding_window", "flag", False):
+        return 0, None
+    if types is None:
+        first = _get(hf, "max_window_layers", "count", 28)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not sliding:
+        return 0, None
+    return window, None if len(sliding) == n_layers else sliding
 
 
 def _bert_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
     mt = hf["model_type"]
-    if hf.get("position_embedding_type", "absolute") != "absolute":
+    if _get(hf, "position_embedding_type", "text", "absolute") != "absolute":
         raise LMForgeError(f"unsupported position_embedding_type {hf['position_embedding_type']!r} "
                            "(supported: absolute)")
-    arch = (hf.get("architectures") or [""])[0]
+    _refuse(hf, "is_decoder", False, "lmforge runs BERT-family models as bidirectional encoders")
+    archs = hf.get("architectures") or [""]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise LMForgeError(f"config.json: architectures must be a list of strings, got {archs!r}")
+    arch = archs[0]
     if names is not None:
         mlm = any(n.endswith(("cls.predictions.transform.dense.weight", "lm_head.dense.weight")) for n in names)
         pooler = any(n.endswith("pooler.dense.weight") for n in names)
@@ -91,30 +181,31 @@ def _bert_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
         mlm = arch.endswith(("ForMaskedLM", "ForPreTraining"))
         pooler = arch.endswith(("Model", "ForPreTraining", "ForSequenceClassification")) or not arch
     # RoBERTa numbers positions from pad_token_id + 1; we drop the unused rows and count from 0.
-    offset = hf.get("pad_token_id", 1) + 1 if mt != "bert" else 0
+    pad = _get(hf, "pad_token_id", "count", 1 if mt != "bert" else 0)
+    offset = pad + 1 if mt != "bert" else 0
     return ModelConfig(
         family="bert",
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        ffn_dim=hf["intermediate_size"],
+        vocab_size=_get(hf, "vocab_size", "size"),
+        dim=_get(hf, "hidden_size", "size"),
+        n_layers=_get(hf, "num_hidden_layers", "size"),
+        n_heads=_get(hf, "num_attention_heads", "size"),
+        ffn_dim=_get(hf, "intermediate_size", "size"),
         norm="layernorm",
-        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_eps=float(_get(hf, "layer_norm_eps", "number", 1e-12)),
         norm_position="post",
         mlp="gelu",
-        activation=_act(hf.get("hidden_act", "gelu")),
+        activation=_act(hf, "hidden_act", "gelu"),
         position="learned",
         qkv_bias=True,
         out_bias=True,
         mlp_bias=True,
         tie_embeddings=True,
-        context_length=hf.get("max_position_embeddings", 512) - offset,
+        context_length=_get(hf, "max_position_embeddings", "size", 512) - offset,
         causal=False,
-        type_vocab_size=hf.get("type_vocab_size", 2),
+        type_vocab_size=_get(hf, "type_vocab_size", "count", 2),
         head="mlm" if mlm else "none",
         pooler=pooler,
-        extra={"hf_model_type": mt, "pad_token_id": hf.get("pad_token_id", 0), "position_offset": offset},
+        extra={"hf_model_type": mt, "pad_token_id": _get(hf, "pad_token_id", "count", 0), "position_offset": offset},
     )
 
 
@@ -122,6 +213,8 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     sc = hf.get("rope_scaling") or hf.get("rope_parameters")
     if not sc:
         return None
+    if not isinstance(sc, dict):
+        raise LMForgeError(f"config.json: rope_scaling must be an object, got {sc!r}")
     kind = sc.get("rope_type", sc.get("type"))
     return None if kind in (None, "default") else dict(sc)
 
@@ -259,6 +352,32 @@ def _bert_tensors(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> Itera
             yield f"mlm_dense.{kind}", get(f"{h}{dense}.{kind}")
             yield f"mlm_norm.{kind}", get(f"{h}{norm}.{kind}")
         yield "mlm_bias", get(h + "bias")
+
+
+class _HeaderSource:
+    """A checkpoint's tensors as shapes only (from the safetensors headers): meta tensors, no data read."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise LMForgeError(f"tensor {key!r} missing from the checkpoint")
+        return torch.empty(self.shapes[key], device="meta")
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in an HF directory's safetensors files (headers only)."""
+    src = TensorSource(_safetensors_files(path))
+    return {k: tuple(src._handles[f].get_slice(k).get_shape()) for k, f in src.where.items()}
+
+
+def header_state_dict(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`hf_state_dict` over meta tensors of the headers' shapes: checks the layout without reading weights."""
+    return hf_state_dict(cfg, _HeaderSource(shapes))  # type: ignore[arg-type]
 
 
 def tensor_names(path: Path) -> set[str]:

@@ -67,6 +67,10 @@ def _describe_hf(path: Path) -> dict[str, Any]:
 
 def _common(path: Path, fmt: str, cfg: Any, n: int, types: Counter) -> dict[str, Any]:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    window = {}
+    if cfg.sliding_window:
+        which = "all layers" if cfg.sliding_layers is None else f"layers {', '.join(map(str, cfg.sliding_layers))}"
+        window = {"sliding window": f"{cfg.sliding_window} ({which})"}
     return {
         "path": str(path),
         "format": fmt,
@@ -79,6 +83,7 @@ def _common(path: Path, fmt: str, cfg: Any, n: int, types: Counter) -> dict[str,
         "norm": f"{cfg.norm} (eps {cfg.norm_eps:g})",
         "positions": f"{cfg.position}" + (f" (theta {cfg.rope_theta:g})" if cfg.position == "rope" else ""),
         "context length": cfg.context_length,
+        **window,
         "vocab size": cfg.vocab_size,
         "tied embeddings": cfg.tie_embeddings,
         "tensor types": ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),

@@ -113,6 +113,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        self.window = cfg.window(layer)  # 0: the whole context
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_dim, self.kv_dim = cfg.q_dim, cfg.kv_dim
         self.qkv = nn.Linear(cfg.dim, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
@@ -136,7 +137,7 @@ class Attention(nn.Module):
         rows = getattr(cache, "decode_rows", None) if fast and t == 1 else None
         if rows is not None:  # decode: store this token's key/value and attend, every row in one C call
             y = kernels.attn_decode_rows(proj, cache.k[self.layer], cache.v[self.layer], *rows, self.n_heads,
-                                         self.n_kv_heads, self.head_dim)
+                                         self.n_kv_heads, self.head_dim, self.window)
             return self.o(y)
         heads = proj.view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, q+k+v heads, t, hd]
         qk, v = heads[:, :nqk], heads[:, nqk:]

@@ -8,12 +8,14 @@ from typing import Any
 
 from ..errors import LMForgeError
 
-FAMILIES = ("llama", "qwen2", "gpt2", "bert", "t5")
+FAMILIES = ("llama", "qwen2", "gpt2", "bert")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITIONS = ("rope", "learned", "none")
 HEADS = ("lm", "mlm", "none")
+ROPE_SCALINGS = ("linear", "llama3")
+_INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "context_length")
 
 
 @dataclass
@@ -39,6 +41,11 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     context_length: int = 2048
+    # Sliding-window attention (Mistral): a token attends to itself and the sliding_window - 1 tokens
+    # before it; 0 attends to the whole context. ``sliding_layers`` lists the layers that slide (Qwen2
+    # slides only some); None: all of them.
+    sliding_window: int = 0
+    sliding_layers: list[int] | None = None
     causal: bool = True  # False for encoders (bidirectional attention)
     type_vocab_size: int = 0  # BERT token-type embeddings; 0 disables them
     # Output head: "lm" (next-token matrix), "mlm" (BERT's dense + norm transform before a tied, biased
@@ -48,13 +55,39 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific values carried for export
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
-            if self.n_heads <= 0 or self.dim % self.n_heads:
+            if self.n_heads > 0 and self.dim % self.n_heads:
                 raise LMForgeError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-            self.head_dim = self.dim // self.n_heads
+            self.head_dim = self.dim // self.n_heads if self.n_heads > 0 else 0  # validate() names n_heads
         self.validate()
+
+    def _check_types(self) -> None:
+        """Each field's JSON type, before any arithmetic on it: a one-line error naming the field."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _INTS or f.name in ("sliding_window", "type_vocab_size"):
+                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+                if value is None and f.name in ("n_kv_heads", "head_dim"):
+                    ok = True
+            elif f.name in ("norm_eps", "rope_theta"):
+                ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            elif f.type == "bool":
+                ok, want = isinstance(value, bool), "true or false"
+            elif f.type == "str":
+                ok, want = isinstance(value, str), "a string"
+            elif f.name == "rope_scaling":
+                ok, want = value is None or isinstance(value, dict), "an object or null"
+            elif f.name == "sliding_layers":
+                ok = value is None or (isinstance(value, list) and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in value))
+                want = "a list of layer indices or null"
+            else:  # extra
+                ok, want = isinstance(value, dict), "an object"
+            if not ok:
+                raise LMForgeError(f"config value {f.name} must be {want}, got {value!r}")
 
     def validate(self) -> None:
         for name, allowed in (
@@ -69,13 +102,48 @@ class ModelConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise LMForgeError(f"unsupported {name} {value!r} (supported: {', '.join(allowed)})")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "context_length"):
-            if int(getattr(self, name)) <= 0:
+        self._check_types()
+        for name in _INTS:
+            if getattr(self, name) <= 0:
                 raise LMForgeError(f"config value {name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise LMForgeError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.norm_eps <= 0:
             raise LMForgeError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.rope_theta <= 0:
+            raise LMForgeError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.type_vocab_size < 0:
+            raise LMForgeError(f"type_vocab_size must not be negative, got {self.type_vocab_size}")
+        self._check_rope_scaling()
+        if self.sliding_window < 0:
+            raise LMForgeError(f"sliding_window must not be negative, got {self.sliding_window}")
+        if self.sliding_window and not self.causal:
+            raise LMForgeError("sliding_window applies to causal (decoder) attention only")
+        if self.sliding_layers is not None:
+            bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise LMForgeError(f"sliding_layers names layer {bad[0]}, but the model has {self.n_layers} layers")
+
+    def _check_rope_scaling(self) -> None:
+        sc = self.rope_scaling
+        if not sc:
+            return
+        kind = sc.get("rope_type", sc.get("type"))
+        if kind in (None, "default"):
+            return
+        if kind not in ROPE_SCALINGS:
+            raise LMForgeError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_SCALINGS)})")
+        need = ("factor", "original_max_position_embeddings") if kind == "llama3" else ("factor",)
+        for key in need:
+            value = sc.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise LMForgeError(f"rope scaling {kind!r} needs a positive number {key}, got {value!r}")
+
+    def window(self, layer: int) -> int:
+        """The sliding window of one layer; 0: it attends to the whole context."""
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return 0
+        return self.sliding_window
 
     @property
     def q_dim(self) -> int:

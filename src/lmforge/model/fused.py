@@ -32,7 +32,8 @@ class _PW(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv", _PW), ("o", _PW), ("gate_up", _PW), ("down", _PW)]
+    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv", _PW), ("o", _PW), ("gate_up", _PW), ("down", _PW),
+                ("window", _i64)]
 
 
 def _linear(lin: Any) -> _PW | None:
@@ -77,7 +78,7 @@ def plan(model: Any) -> Any:
         if any(w is None for w in ws) or not all(isinstance(n, RMSNorm) for n in norms) or blk.mlp.act is not F.silu:
             layers = None
             break
-        layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *ws))
+        layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *ws, blk.attn.window))
     arr = (_Layer * len(layers))(*layers) if layers else None
     _plans[model] = (state, arr)
     return arr

@@ -65,7 +65,8 @@ def lib() -> ctypes.CDLL | None:
         "q4_gemv": [p, p, p, p, p, i64, i64, i64, i32], "q4_gemv16": [p, p, p, p, p, i64, i64, i64, i32],
         "q8_gemv": [p, p, p, p, i64, i64, i64, i32], "q8_gemv16": [p, p, p, p, i64, i64, i64, i32],
         "rms_norm": [p, p, p, i64, i64, f32], "swiglu": [p, p, i64, i64],
-        "rope_inplace": [p, p, p, i64, i64, i64, i64], "attn_decode_rows": [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i32],
+        "rope_inplace": [p, p, p, i64, i64, i64, i64],
+        "attn_decode_rows": [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32],
         "decode_stack": [p, i64, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, i32],
     }
     for name, args in signatures.items():
@@ -123,14 +124,15 @@ def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, h
 
 
 def attn_decode_rows(proj: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     pos: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+                     pos: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int = 0
+                     ) -> torch.Tensor:
     """One decode step's attention for b rows: proj [b, 1, (nh + 2 nkv) * hd] (q, k, v; rope applied),
     k_cache / v_cache one layer [slots, nkv, cap, hd]. Stores each row's key/value at ``pos`` of its slot
-    and attends to that slot's positions 0..pos; returns [b, 1, nh * hd]."""
+    and attends to that slot's positions 0..pos (the last ``window`` of them if > 0); returns [b, 1, nh * hd]."""
     b = proj.shape[0]
     proj = proj.contiguous()
     out = torch.empty(b, 1, n_heads * head_dim, dtype=torch.float32)
     lib().attn_decode_rows(proj.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), pos.data_ptr(),
-                           out.data_ptr(), b, n_heads, n_kv_heads, k_cache.shape[2], head_dim, head_dim ** -0.5,
+                           out.data_ptr(), b, n_heads, n_kv_heads, k_cache.shape[2], head_dim, window, head_dim ** -0.5,
                            THREADS)
     return out

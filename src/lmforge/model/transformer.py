@@ -39,6 +39,7 @@ class Transformer(nn.Module):
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.pooler = nn.Linear(cfg.dim, cfg.dim) if cfg.pooler else None
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
+        self.windows = sorted({blk.attn.window for blk in self.layers} - {0})  # sliding windows in use
         # Codes of a tied output matrix from a quantized file, for fast CPU decoding (see quant.py).
         self.head_packed: PackedWeight | None = None
         self._head_version = 0
@@ -117,6 +118,24 @@ class Transformer(nn.Module):
                     mask = mask & torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None]
             else:
                 is_causal = self.cfg.causal
+        # Sliding-window layers see only the last `window` positions (their own included); one mask per
+        # distinct window. Until a position reaches the window, it is the plain causal mask.
+        masks = {0: (mask, is_causal)}
+        max_pos = max(start) + t - 1 if cache is not None else t - 1
+        for w in self.windows:
+            if max_pos < w:
+                masks[w] = masks[0]
+                continue
+            if cache is not None:
+                keys = torch.arange(kv_len, device=dev)[None, None, None, :]
+                q = positions[:, None, :, None]
+                masks[w] = ((keys <= q) & (keys > q - w), False)
+            else:
+                keys, q = steps[None, :], steps[:, None]
+                wmask = ((keys <= q) & (keys > q - w))[None, None]
+                if attn_mask is not None:  # a padding query keeps itself, so no row is all -inf (NaN)
+                    wmask = (wmask & attn_mask.bool()[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)
+                masks[w] = (wmask, False)
 
         x = self.tok_emb(tokens)
         if self.pos_emb is not None:
@@ -125,7 +144,6 @@ class Transformer(nn.Module):
             x = x + self.type_emb(token_types if token_types is not None else torch.zeros_like(tokens))
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        max_pos = max(start) + t - 1 if cache is not None else t - 1
         rope = self.rotary(positions, x.dtype, max_pos) if self.rotary is not None else None
         stack = None
         if t == 1 and rope is not None and getattr(cache, "decode_rows", None) is not None and b <= MAX_ROWS \
@@ -135,6 +153,7 @@ class Transformer(nn.Module):
             x = fused.decode_stack(self, stack, x.contiguous(), rope, cache)
         else:
             for layer in self.layers:
+                mask, is_causal = masks[layer.attn.window]
                 if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                     x = checkpoint(layer, x, rope=rope, mask=mask, is_causal=is_causal, cache=cache,
                                    use_reentrant=False)

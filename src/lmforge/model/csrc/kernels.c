@@ -339,9 +339,11 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 /* One decode step of attention for b rows, each continuing its own KV-cache slot (grouped-query).
  * proj [b, (nh + 2 nkv) * hd]: each row's q, k, v heads, rope already applied. kc, vc: one layer of the
  * cache, [slots, nkv, cap, hd]. Row r's new key/value is stored at position pos[r] of slot slots[r],
- * then its query attends to positions 0..pos[r] of that slot. out: [b, nh * hd]. */
+ * then its query attends to positions 0..pos[r] of that slot; with a sliding window > 0, to the last
+ * `window` of them only (pos[r] - window + 1 .. pos[r]). out: [b, nh * hd]. */
 void attn_decode_rows(const float *proj, float *kc, float *vc, const int64_t *slots, const int64_t *pos, float *out,
-                      int64_t b, int64_t nh, int64_t nkv, int64_t cap, int64_t hd, float scale, int threads) {
+                      int64_t b, int64_t nh, int64_t nkv, int64_t cap, int64_t hd, int64_t window, float scale,
+                      int threads) {
     const int64_t group = nh / nkv, width = (nh + 2 * nkv) * hd;
     for (int64_t r = 0; r < b; r++)
         for (int64_t h = 0; h < nkv; h++) {
@@ -351,9 +353,11 @@ void attn_decode_rows(const float *proj, float *kc, float *vc, const int64_t *sl
         }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t rh = 0; rh < b * nh; rh++) {
-        const int64_t r = rh / nh, h = rh % nh, len = pos[r] + 1;
+        const int64_t r = rh / nh, h = rh % nh;
+        const int64_t first = window > 0 && pos[r] + 1 > window ? pos[r] + 1 - window : 0, len = pos[r] + 1 - first;
         const float *qh = proj + r * width + h * hd;
-        const float *kh = kc + (slots[r] * nkv + h / group) * cap * hd, *vh = vc + (slots[r] * nkv + h / group) * cap * hd;
+        const float *kh = kc + ((slots[r] * nkv + h / group) * cap + first) * hd;
+        const float *vh = vc + ((slots[r] * nkv + h / group) * cap + first) * hd;
         float *sc = malloc(sizeof(float) * len), mx = -INFINITY, sum = 0.f;
         for (int64_t j = 0; j < len; j++) {
             sc[j] = dot(qh, kh + j * hd, hd) * scale;
@@ -386,6 +390,7 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *mlp_norm;
     PW qkv, o, gate_up, down;
+    int64_t window; /* sliding window of the attention; 0: the whole context */
 } Layer;
 
 static void product(const float *x, const PW *w, float *y, int64_t M, int threads) {
@@ -416,7 +421,7 @@ void decode_stack(float *x, int64_t b, const Layer *layers, int64_t n_layers, fl
         product(h, &L->qkv, proj, b, threads);
         rope_inplace(proj, cos, sin, b, nh + 2 * nkv, nh + nkv, hd);
         attn_decode_rows(proj, kc + l * layer_size, vc + l * layer_size, slots, pos, att, b, nh, nkv, cap, hd,
-                         attn_scale, threads);
+                         L->window, attn_scale, threads);
         product(att, &L->o, res, b, threads);
         add_into(x, res, b * dim);
         rms_norm(x, L->mlp_norm, h, b, dim, eps);
