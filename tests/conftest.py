@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# torch.compile's kernel cache is not keyed on ATEN_CPU_CAPABILITY: kernels cached under one setting give
+# NaN or abort under another. The suite runs under both (native and avx2), so each gets its own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Captured at import, before any test patches LMFORGE_HOME, so the real model is cached in a
 # persistent place and reused across test sessions.

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 import lmforge
@@ -42,3 +48,32 @@ class RunningServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+@contextmanager
+def serve_process(model: str | Path, *args: str, log: Path, env: dict[str, str] | None = None,
+                  timeout: float = 120) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`lmforge serve MODEL ARGS` in its own process, as a user runs it: (process, base URL) once /health
+    answers; its stdout and stderr go to `log`. Stopped on exit."""
+    port = free_port()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(port), *args],
+                                stdout=f, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"lmforge serve exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"lmforge serve did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

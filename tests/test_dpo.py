@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_close_scaled
 from tiny import make_tiny_llama_dir
 
 from lmforge.errors import LMForgeError
@@ -168,7 +169,7 @@ def test_reward_model_learns_and_reloads(tiny_dir, prefs, tmp_path):
     run.reward.eval()
     with torch.no_grad():
         ids = torch.tensor([run.val_set[0].chosen.ids])
-        assert float(run.reward(ids, torch.tensor([ids.shape[1]]))) == pytest.approx(good[0], abs=1e-4)
+        assert_close_scaled(float(run.reward(ids, torch.tensor([ids.shape[1]]))), good[0], 1e-4)
     with pytest.raises(LMForgeError, match="not a reward model"):
         RewardModel.load(tiny_dir)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numerics import assert_close_scaled
 from tiny import make_tiny_bert_dir, randomize
 
 import lmforge
@@ -20,7 +21,7 @@ from lmforge.formats.export import save_hf
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ATOL = 1e-4
+TOL = 1e-4  # relative to the outputs' magnitude (see numerics.assert_close_scaled)
 VOCAB = 200
 
 
@@ -92,8 +93,7 @@ def test_tiny_encoder_matches_transformers_and_exports(v: Variant, tmp_path: Pat
         ours = got[key]
         sel = (ours[real], ref[real]) if key != "pooled" else (ours, ref)
         assert sel[1].abs().max() > 0.5, "outputs too small for the tolerance to mean anything"
-        diff = (sel[0] - sel[1]).abs().max().item()
-        assert diff <= ATOL, f"{v.name} {key}: max diff {diff:.2e}"
+        assert_close_scaled(sel[0], sel[1], TOL, msg=f"{v.name} {key}")
 
     # Export: transformers loads our directory into the same model, and so do we.
     out = save_hf(ck.model, tmp_path / "export")
@@ -101,7 +101,7 @@ def test_tiny_encoder_matches_transformers_and_exports(v: Variant, tmp_path: Pat
     again = cls.from_pretrained(out).float().eval()
     for key, ref in _outputs(again, ids, mask, tt).items():
         sel = (ref[real], want[key][real]) if key != "pooled" else (ref, want[key])
-        assert (sel[0] - sel[1]).abs().max() <= 1e-5, f"{v.name} {key} after export"
+        assert_close_scaled(sel[0], sel[1], 1e-5, msg=f"{v.name} {key} after export")
     reloaded = _ours(load_checkpoint(out, device="cpu", dtype=torch.float32).model, ids, mask, tt)
     for key in want:
         assert torch.equal(reloaded[key], got[key])
@@ -163,7 +163,7 @@ def test_decoder_embeddings_are_mean_pooled_hidden_states(tmp_path: Path) -> Non
         ids = torch.tensor([lm.tokenizer.encode(text)])
         with torch.no_grad():
             want = lm.model(ids, return_hidden=True)[0].mean(0).numpy()
-        assert np.allclose(vec, want, atol=1e-5)  # padding in the batch changes nothing
+        assert_close_scaled(vec, want, 1e-5)  # padding in the batch changes nothing
 
 
 def test_kmeans_and_pca() -> None:

@@ -17,6 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from numerics import assert_close_scaled  # noqa: E402
 from tiny import randomize  # noqa: E402
 
 from lmforge.engine import Engine, SamplingParams  # noqa: E402
@@ -25,7 +26,7 @@ from lmforge.formats import load_checkpoint  # noqa: E402
 VOCAB = 300
 PROMPT_LENGTHS = (5, 11, 17)
 NEW_TOKENS = 32
-ATOL = 1e-4
+TOL = 1e-4  # relative to the logits' magnitude (see numerics.assert_close_scaled)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,14 +127,12 @@ def test_logits_match_transformers(pair: Pair) -> None:
     assert ours.dtype == torch.float32
     real = mask.bool()
     assert ref[real].abs().max() > 1.0, "logits too small for the tolerance to mean anything"
-    diff = (ours[real] - ref[real]).abs().max().item()
-    assert diff <= ATOL, f"{pair.variant.name}: max |logit diff| {diff:.3e} over real positions"
+    assert_close_scaled(ours[real], ref[real], TOL, msg=f"{pair.variant.name}: logits over real positions")
     # The unpadded, single-row path (is_causal, no mask) must agree with the padded batch.
     for i, p in enumerate(pair.prompts):
         with torch.no_grad():
             alone = pair.ours(torch.tensor([p]))[0]
-        d = (alone - ref[i, : len(p)]).abs().max().item()
-        assert d <= ATOL, f"{pair.variant.name}: row {i} alone differs by {d:.3e}"
+        assert_close_scaled(alone, ref[i, : len(p)], TOL, msg=f"{pair.variant.name}: row {i} alone")
 
 
 def test_greedy_generation_matches_transformers(pair: Pair) -> None:
@@ -175,5 +174,5 @@ def test_export_round_trip(pair: Pair, tmp_path: Path) -> None:
         ours = load_checkpoint(out, device="cpu", dtype=torch.float32).model(ids, attn_mask=mask)
     for i, p in enumerate(pair.prompts):
         n = len(p)
-        assert (got[i, :n] - want[i, :n]).abs().max() <= 1e-5
-        assert (ours[i, :n] - want[i, :n]).abs().max() <= ATOL
+        assert_close_scaled(got[i, :n], want[i, :n], 1e-5)
+        assert_close_scaled(ours[i, :n], want[i, :n], TOL)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numerics import assert_close_scaled
 from tiny import train_tokenizer
 
 from lmforge.errors import LMForgeError
@@ -51,7 +52,7 @@ def test_loss_falls_and_checkpoint_loads(data: Path, tmp_path: Path) -> None:
     ck = load_checkpoint(tmp_path / "run" / "step_0000060", device="cpu", dtype=torch.float32)
     x = torch.randint(0, trainer.model_cfg.vocab_size, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(ck.model(x), trainer.model(x), rtol=0, atol=1e-6)
+        assert_close_scaled(ck.model(x), trainer.model(x), 1e-6)
     assert ck.tokenizer is not None and ck.tokenizer.encode("The quick fox") == trainer.tokenizer.encode("The quick fox")
 
 
@@ -178,11 +179,12 @@ def test_ddp_and_fsdp_match_one_process(data: Path, tmp_path: Path) -> None:
     single = Trainer(_cfg(data, tmp_path / "single", batch_size=8), log=lambda s: None)
     reference = single.fit()
 
+    # Gradients summed across processes instead of over one batch: the same losses up to rounding.
     ddp = _torchrun(data, tmp_path / "ddp")
-    assert max(abs(a - b) for a, b in zip(ddp, reference)) < 1e-4
+    assert_close_scaled(ddp, reference, 2e-5)
 
     fsdp = _torchrun(data, tmp_path / "fsdp", "--fsdp")
-    assert max(abs(a - b) for a, b in zip(fsdp, reference)) < 1e-4
+    assert_close_scaled(fsdp, reference, 2e-5)
     # The FSDP checkpoint holds the whole, gathered weights.
     ck = load_checkpoint(tmp_path / "fsdp" / "step_0000020", device="cpu", dtype=torch.float32)
     for name, p in single.model.state_dict().items():
@@ -193,12 +195,13 @@ def test_ddp_and_fsdp_match_one_process(data: Path, tmp_path: Path) -> None:
 
     shutil.rmtree(tmp_path / "fsdp" / "step_0000020")
     resumed = _torchrun(data, tmp_path / "fsdp", "--fsdp", "--resume")
-    assert max(abs(a - b) for a, b in zip(resumed, reference)) < 1e-4
+    assert_close_scaled(resumed, reference, 2e-5)
 
     # A DDP checkpoint resumes in one process with twice the batch.
     shutil.copytree(tmp_path / "ddp" / "step_0000010", tmp_path / "cross" / "step_0000010")
     rest = Trainer(_cfg(data, tmp_path / "cross", batch_size=8), resume=True, log=lambda s: None).fit()
-    assert len(rest) == 10 and max(abs(a - b) for a, b in zip(rest, reference[10:])) < 1e-4
+    assert len(rest) == 10
+    assert_close_scaled(rest, reference[10:], 2e-5)
 
 
 def test_presets_have_the_published_sizes() -> None:
@@ -219,21 +222,21 @@ def test_activation_checkpointing_gives_the_same_steps(data: Path, tmp_path: Pat
     plain = Trainer(_cfg(data, tmp_path / "a", max_iters=6), log=lambda s: None).fit()
     ckpt = Trainer(_cfg(data, tmp_path / "b", max_iters=6, activation_checkpointing=True), log=lambda s: None)
     assert ckpt.model.grad_checkpointing
-    assert ckpt.fit() == pytest.approx(plain, abs=1e-6)
+    assert_close_scaled(ckpt.fit(), plain, 2e-7)  # the same operations, recomputed: within an ulp or two
 
 
 def test_bf16_autocast_trains(data: Path, tmp_path: Path) -> None:
     fp32 = Trainer(_cfg(data, tmp_path / "a", max_iters=8), log=lambda s: None).fit()
     bf16 = Trainer(_cfg(data, tmp_path / "b", max_iters=8, precision="bf16"), log=lambda s: None).fit()
     assert bf16 != fp32  # bf16 matmuls really ran ...
-    assert bf16 == pytest.approx(fp32, abs=0.05)  # ... and train the same model
+    assert bf16 == pytest.approx(fp32, rel=0.01)  # ... and train the same model
 
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager(data: Path, tmp_path: Path) -> None:
     eager = Trainer(_cfg(data, tmp_path / "a", max_iters=4), log=lambda s: None).fit()
     compiled = Trainer(_cfg(data, tmp_path / "b", max_iters=4, compile=True), log=lambda s: None).fit()
-    assert compiled == pytest.approx(eager, abs=1e-4)
+    assert_close_scaled(compiled, eager, 2e-5)  # fused kernels round differently
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -250,7 +253,7 @@ def test_checkpoint_loads_in_transformers_with_identical_logits(data: Path, tmp_
     assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
     x = torch.randint(0, trainer.model_cfg.vocab_size, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, trainer.model.eval()(x), rtol=0, atol=1e-5)
+        assert_close_scaled(hf(x).logits, trainer.model.eval()(x), 1e-5)
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "run" / "step_0000010")
     assert tok.encode("The quick fox") == trainer.tokenizer.encode("The quick fox")
 
@@ -347,9 +350,9 @@ def test_mlm_trains_and_exports_as_bert_for_masked_lm(mlm_data: Path, tmp_path: 
     x = torch.randint(0, trainer.model_cfg.vocab_size, (2, 16))
     with torch.no_grad():
         ours = trainer.model.eval()(x)
-        torch.testing.assert_close(hf(x).logits, ours, rtol=0, atol=1e-5)
+        assert_close_scaled(hf(x).logits, ours, 1e-5)
         ck = load_checkpoint(path, device="cpu", dtype=torch.float32)
-        torch.testing.assert_close(ck.model(x), ours, rtol=0, atol=1e-6)
+        assert_close_scaled(ck.model(x), ours, 1e-6)
     assert transformers.AutoTokenizer.from_pretrained(path).mask_token == "<|mask|>"
 
 

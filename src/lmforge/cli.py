@@ -13,9 +13,14 @@ from .errors import LMForgeError
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
+    from .engine.sampling import DEFAULT_TEMPERATURE
+
     g = p.add_argument_group("sampling (OpenAI parameter names)")
     g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="tokens generated before end-of-turn or a stop string may end the output (default 0)")
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"0 is greedy (default {DEFAULT_TEMPERATURE:g}, as in the OpenAI API)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
@@ -40,6 +45,22 @@ def _add_model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from a size such as ``512M``, ``1.5G``, ``512MiB`` or ``1073741824`` (K, M, G, T are powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    try:
+        n = float(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        n = float("nan")
+    if not n >= 1 or n == float("inf"):
+        raise LMForgeError(f"{flag} must be a size such as 512M, 2G or a number of bytes, got {text!r}")
+    return int(n)
+
+
 def _add_adapter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="apply a LoRA adapter directory (from `lmforge finetune sft`, or PEFT's)")
@@ -61,7 +82,7 @@ def _sampling(args: argparse.Namespace) -> Any:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, logit_bias=bias or None, seed=args.seed, stop=args.stop,
-        ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False),
+        ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, logprobs=getattr(args, "logprobs", False),
         top_logprobs=getattr(args, "top_logprobs", 0),
     )
 
@@ -122,6 +143,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for s, delta in lm.engine.step():
             if s is seq and args.stream:
                 print(delta, end="", flush=True)
+    if seq.error is not None:
+        raise LMForgeError(f"generation failed: {seq.error}")
     print() if args.stream else print(seq.text)
     if args.logprobs:
         tok = lm.tokenizer
@@ -149,10 +172,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LMForgeError(f"--ctx must be at least 2, got {args.ctx}")
     if not 0 <= args.port <= 65535:
         raise LMForgeError(f"--port must be between 0 and 65535, got {args.port}")
-    keys = list(args.api_key) or [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
+    kv_memory = None if args.kv_memory is None else parse_size(args.kv_memory, "--kv-memory")
+    from .serve.gate import check_api_keys
+
+    env_keys = os.environ.get("LMFORGE_API_KEYS")
+    if args.api_key:
+        keys = check_api_keys(args.api_key, "--api-key")
+    else:  # a variable that is set must hold keys: an empty one would silently serve without any
+        keys = [] if env_keys is None else check_api_keys(env_keys.split(","), "LMFORGE_API_KEYS")
     lm = load(args.model, device=args.device, max_batch=1, progress=sys.stderr.isatty(), adapter=args.adapter)
     cfg = ServerConfig(model_name=model_name_for(args.model), api_keys=keys, max_batch=args.max_batch,
-                       max_queue=args.max_queue, ctx=args.ctx)
+                       max_queue=args.max_queue, ctx=args.ctx, kv_memory=kv_memory)
     print(f"serving {cfg.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1)",
           file=sys.stderr)
     serve(lm, cfg, host=args.host, port=args.port)
@@ -396,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="sequences that may wait for a slot before requests get 429 (default 64)")
     p.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="memory for the KV cache, all slots together, e.g. 512M, 2G or bytes (default: 512M, or one "
+                        "full-context sequence if that is more); requests that do not fit wait, and the context "
+                        "shrinks to what it holds")
     _add_adapter(p)
     p.set_defaults(func=cmd_serve)
 

@@ -37,6 +37,9 @@ _SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLA
 GGUF_PRE_TOKENIZERS = ("gpt-2", "default", "smollm", *_SPLITS)
 
 
+_CONTINUE_MARK = "\u2063lmforge-continue\u2063"  # invisible separators: no template or text writes these
+
+
 @lru_cache(maxsize=1)
 def _byte_alphabet() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-unicode map."""
@@ -239,21 +242,40 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        """Render a conversation exactly as transformers' ``apply_chat_template(tokenize=False)`` does."""
+        """Render a conversation exactly as transformers' ``apply_chat_template(tokenize=False)`` does.
+
+        ``continue_final_message``: the text ends with the last message's content, without its end of turn,
+        so that generation continues that message (prefill); ``add_generation_prompt`` must then be false."""
         import jinja2
 
         if self._template is None:
             self._template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise LMForgeError("continue_final_message and add_generation_prompt cannot both be true")
+            if not messages or not isinstance(messages[-1].get("content"), str):
+                raise LMForgeError("continue_final_message needs a final message with text content")
+            # A marker after the final text shows where the template's end of turn begins, whatever the
+            # template writes around it (an empty message included).
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _CONTINUE_MARK}]
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                 unk_token=self.unk_token or "", pad_token=self.pad_token or "", **kwargs,
             )
         except jinja2.exceptions.TemplateError as e:
             raise LMForgeError(f"chat template error: {e}") from None
+        if continue_final_message:
+            cut = text.rfind(_CONTINUE_MARK)
+            if cut == -1:
+                raise LMForgeError("continue_final_message: the chat template does not write the final message's "
+                                   "text as given, so it cannot be continued")
+            text = text[:cut]
+        return text
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         # The template writes any BOS itself, so no special tokens are added on top.

@@ -2,7 +2,14 @@
 
 `Engine.step()` is the unit a scheduler calls in a loop: admitted sequences are prefilled together,
 otherwise every running sequence advances by one token in one forward pass. Sequences join and
-leave between steps, each with its own sampling parameters and KV slot.
+leave between steps, each with its own sampling parameters and KV slot. The KV cache never takes more
+than its memory budget. Admission is optimistic: a sequence is admitted when the cache can hold it and
+every running sequence at their current lengths plus a little headroom, not at their full lengths
+(prompt and max_tokens). When running sequences outgrow what the budget holds, the most recently
+admitted ones are preempted: they give up their slots and wait at the front of the queue with
+everything they generated, and on readmission their keys and values are recomputed by prefilling
+prompt and output, after which decoding continues as if nothing happened. The oldest running sequence
+is never preempted, so one always makes progress and any sequence can reach the full context.
 
 A slot keeps its keys and values after its sequence leaves. A new prompt that starts like what some
 slot holds (a shared system prompt, the earlier turns of a chat) reuses that prefix: it is copied
@@ -23,10 +30,13 @@ import torch
 from ..errors import LMForgeError
 from ..model import Transformer
 from ..tokenizer import IncrementalDecoder, Tokenizer
-from .kv_cache import KVCache
+from .kv_cache import KVCache, default_kv_memory, kv_bytes_per_token
 from .sampling import SamplerState, SamplingParams, TokenLogprob, token_logprob
 
 _ids = itertools.count()
+
+# The most cache positions reserved at admission beyond a sequence's current length (see Engine.headroom).
+ADMIT_HEADROOM = 256
 
 
 @dataclass
@@ -42,14 +52,16 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # text released so far (stop strings and end-of-turn tokens never enter it)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    # One entry per sampled token: output_ids, then the end-of-turn token that ended the sequence, if any.
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sampler: SamplerState | None = None
     decoder: IncrementalDecoder | None = None
     stop_ids: frozenset[int] = frozenset()
     raw: str = ""  # decoded text including any held-back tail that might start a stop string
     # Optional decoding constraint (structured output): ``mask(logits, remaining) -> logits`` before
-    # sampling and ``accept(token)`` after it.
+    # sampling, ``accept(token) -> token taken`` after it, and ``complete`` once the output is whole.
     constraint: Any = None
+    error: Exception | None = None  # why it finished with reason "error"
 
     @property
     def done(self) -> bool:
@@ -59,23 +71,42 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt and output: what a (re)admitted sequence prefills, and what its slot's keys cover."""
+        return self.prompt_ids + self.output_ids
+
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None) -> None:
+                 max_len: int | None = None, kv_memory: int | None = None) -> None:
+        """``kv_memory``: bytes the KV cache may take, all slots together (default: `default_kv_memory`)."""
         self.model = model
         self.tok = tokenizer
         self.cfg = model.cfg
         self.max_batch = max_batch
-        self.context = min(max_len or self.cfg.context_length, self.cfg.context_length)
+        context = min(max_len or self.cfg.context_length, self.cfg.context_length)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.kv_token_bytes = kv_bytes_per_token(self.cfg, self.dtype)
+        self.kv_memory = default_kv_memory(self.cfg, context, self.dtype) if kv_memory is None else kv_memory
+        self.kv_tokens = self.kv_memory // self.kv_token_bytes  # tokens the budget holds, all slots together
+        if self.kv_tokens < 2:
+            raise LMForgeError(f"a KV cache of {self.kv_memory} bytes holds {self.kv_tokens} tokens of this model "
+                               f"({self.kv_token_bytes} bytes each); at least 2 are needed")
+        # One sequence can never hold more than the whole budget, so a small budget shortens the context.
+        self.context = min(context, self.kv_tokens)
+        self.kv_limits_context = self.kv_tokens < context
         self.cache: KVCache | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self.holder: dict[int, Sequence] = {}  # slot -> the sequence whose keys/values it holds
         self.prefix_reuse = True
-        self.reused_tokens = 0  # prompt tokens not prefilled thanks to prefix reuse (a statistic)
+        self.reused_tokens = 0  # tokens not prefilled thanks to prefix reuse (a statistic)
+        # Cache positions a sequence is admitted with beyond its current length (at most up to its max_tokens):
+        # enough to decode a while before the cache must grow, small enough that many sequences start at once.
+        self.headroom = max(1, min(ADMIT_HEADROOM, self.context // 16))
+        self.preemptions = 0  # sequences preempted to keep the cache within its budget (a statistic)
 
     # -- requests ----------------------------------------------------------------------------------
     def add(self, prompt_ids: Seq[int], params: SamplingParams | None = None) -> Sequence:
@@ -88,7 +119,8 @@ class Engine:
             raise LMForgeError("the prompt is empty")
         n = len(prompt_ids)
         if n >= self.context:
-            raise LMForgeError(f"prompt is {n} tokens, but the context window is {self.context} tokens")
+            held = " (all that the KV cache memory holds)" if self.kv_limits_context else ""
+            raise LMForgeError(f"prompt is {n} tokens, but the context window is {self.context} tokens{held}")
         bad = [i for i in prompt_ids if not 0 <= i < self.cfg.vocab_size]
         if bad:
             raise LMForgeError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
@@ -121,46 +153,119 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def kv_info(self) -> dict[str, int]:
+        """The KV cache's limits: slots, tokens one sequence may use, tokens and bytes of the whole budget,
+        the bytes allocated now (the cache grows up to the budget as requests need it), and how many
+        sequences have been preempted so far to stay within the budget."""
+        return {"slots": self.max_batch, "context": self.context, "tokens": self.kv_tokens,
+                "bytes": self.kv_memory, "allocated_bytes": self.cache.nbytes if self.cache is not None else 0,
+                "preemptions": self.preemptions}
+
     # -- stepping ----------------------------------------------------------------------------------
-    def _ensure_cache(self, need_len: int) -> None:
-        if self.cache is not None and self.cache.max_len >= need_len:
+    def _need(self, seq: Sequence) -> int:
+        """Cache positions `seq` is admitted with (or counted at beside an admission): its tokens so far and
+        the next `headroom` it may generate, never more than its prompt and max_tokens."""
+        return min(len(seq.prompt_ids) + seq.max_tokens, seq.num_tokens + self.headroom)
+
+    def _admit(self) -> list[Sequence]:
+        """Take waiting sequences, first come first served, while the slots and the KV budget hold them and
+        everything running, each at its current length plus headroom; the rest wait. Running sequences
+        that later outgrow the budget are preempted (`_make_room`)."""
+        live = len(self.running)
+        longest = max((self._need(s) for s in self.running.values()), default=0)
+        batch: list[Sequence] = []
+        while self.waiting and live + len(batch) < self.max_batch:
+            n, need = live + len(batch) + 1, max(longest, self._need(self.waiting[0]))
+            fits_cache = self.cache is not None and n <= self.cache.rows and need <= self.cache.max_len
+            if not fits_cache and n * need > self.kv_tokens:
+                break  # the first in line waits, and everyone behind it: no one overtakes a long request
+            batch.append(self.waiting.popleft())
+            longest = need
+        if batch:
+            self._ensure_cache(live + len(batch), longest)
+        return batch
+
+    def _make_room(self) -> None:
+        """Before a decode step, give every running sequence one more cache position. When the budget cannot
+        hold that many rows that long, preempt the most recently admitted sequences until it can (never the
+        last one: the budget holds one sequence of the full context)."""
+        need = max(s.cached + 1 for s in self.running.values())
+        if self.cache is not None and need <= self.cache.max_len:
             return
-        # Grow in coarse steps and keep what running sequences have cached.
+        while len(self.running) > 1 and len(self.running) * need > self.kv_tokens:
+            self._preempt(max(self.running.values(), key=lambda s: s.id))
+            need = max(s.cached + 1 for s in self.running.values())
+        self._ensure_cache(len(self.running), need)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch; it waits at the front of the queue with everything it has
+        generated and sampled (output, text, logprobs, sampler and decoder state, constraint) and resumes by
+        recomputing its keys and values. Its slot keeps them until reused, so a resumption may copy them back."""
+        del self.running[seq.slot]
+        self.waiting.appendleft(seq)  # sequences are preempted youngest first, so the queue stays in order
+        self.preemptions += 1
+
+    def _ensure_cache(self, rows: int, need_len: int) -> None:
+        """Give the cache at least `rows` slots of `need_len` positions, within the KV budget."""
+        old = self.cache
+        if old is not None and old.rows >= rows and old.max_len >= need_len:
+            return
+        # Grow in coarse steps, but never past what the budget holds for this many sequences.
         new_len = min(self.context, max(256, -(-need_len // 256) * 256,
-                                        2 * self.cache.max_len if self.cache else 0))
-        new = KVCache(self.cfg, self.max_batch, new_len, self.device, self.dtype)
-        if self.cache is not None:
-            n = self.cache.max_len
-            new.k[..., :n, :] = self.cache.k
-            new.v[..., :n, :] = self.cache.v
-        self.cache = new
+                                        2 * old.max_len if old is not None and need_len > old.max_len else 0))
+        new_len = max(need_len, min(new_len, self.kv_tokens // rows))
+        new_rows = min(self.max_batch, self.kv_tokens // new_len)
+        # Keep what running sequences have cached, then what finished ones left for prefix reuse, in as many
+        # slots as the new shape has; renumber slots only when a kept one is past the new last row.
+        keep = sorted(self.running) + sorted(sl for sl, h in self.holder.items()
+                                             if sl not in self.running and h.cached <= new_len)
+        keep = sorted(keep[:new_rows])
+        target = keep if not keep or keep[-1] < new_rows else list(range(len(keep)))
+        n = max((self.holder[sl].cached for sl in keep), default=0)
+        saved = None
+        if old is not None and keep and n:
+            src = torch.tensor(keep, device=self.device)
+            saved = old.k[:, src, :, :n], old.v[:, src, :, :n]  # copies, so the old cache can go first
+        self.cache = old = None  # freed before the new one is allocated, so the two never add up
+        self.cache = KVCache(self.cfg, new_rows, new_len, self.device, self.dtype)
+        if saved is not None:
+            dst = torch.tensor(target, device=self.device)
+            self.cache.k[:, dst, :, :n], self.cache.v[:, dst, :, :n] = saved
+        if target != keep:
+            moved = dict(zip(keep, target))
+            self.running = {moved[sl]: s for sl, s in self.running.items()}
+        self.holder = {new: self.holder[sl] for sl, new in zip(keep, target)}
+        for sl, s in self.holder.items():
+            s.slot = sl
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, str]]:
         """Advance the batch by one step; returns (sequence, new text) for every sequence that moved."""
-        free = [s for s in range(self.max_batch) if s not in self.running]
-        if self.waiting and free:
-            batch = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-            self._place(batch, free)
+        batch = self._admit() if self.waiting else []
+        if batch:
+            self._place(batch, [s for s in range(self.cache.rows) if s not in self.running])
             return self._prefill(batch)
         if self.running:
+            self._make_room()
             return self._decode(sorted(self.running.values(), key=lambda s: s.slot))
         return []
 
     @staticmethod
     def _shared(seq: Sequence, holder: Sequence | None) -> int:
-        """How many leading prompt tokens `holder`'s cached keys/values cover (at most all but one, so the
-        prompt's last token always runs and yields the first logits)."""
+        """How many leading tokens of `seq` (its prompt, and its output if it resumes after preemption)
+        `holder`'s cached keys/values cover (at most all but one, so the last token always runs and yields
+        the logits to sample from)."""
         if holder is None:
             return 0
-        held = holder.prompt_ids + holder.output_ids
-        n = min(holder.cached, len(held), len(seq.prompt_ids) - 1)
-        if held[:n] == seq.prompt_ids[:n]:  # the usual case (a whole earlier turn), compared at C speed
+        held, ids = holder.token_ids, seq.token_ids
+        n = min(holder.cached, len(held), len(ids) - 1)
+        if held[:n] == ids[:n]:  # the usual case (a whole earlier turn), compared at C speed
             return n
         lo, hi = 0, n  # otherwise the longest matching prefix, by bisection on slice equality
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if held[:mid] == seq.prompt_ids[:mid]:
+            if held[:mid] == ids[:mid]:
                 lo = mid
             else:
                 hi = mid - 1
@@ -175,6 +280,8 @@ class Engine:
             shared = {sl: self._shared(seq, h) for sl, h in sources.items()} if self.prefix_reuse else {}
             slot = max(free, key=lambda sl: shared.get(sl, 0))
             free.remove(slot)
+            for sl in [sl for sl, h in self.holder.items() if h is seq]:  # a resumed sequence's former slot
+                del self.holder[sl]  # (seq.cached will count its new slot's keys, not these)
             seq.slot, self.running[slot], self.holder[slot] = slot, seq, seq
             src = max(shared, key=shared.__getitem__, default=slot)
             n = shared.get(src, 0)
@@ -191,20 +298,33 @@ class Engine:
                 self.cache.v[:, dst, :, :n] = v
 
     def _prefill(self, batch: list[Sequence]) -> list[tuple[Sequence, str]]:
-        self._ensure_cache(max(s.num_tokens + s.max_tokens for s in batch))
-        rest = [s.prompt_ids[s.cached:] for s in batch]  # what prefix reuse left to run
-        lengths = [len(r) for r in rest]
-        tokens = torch.zeros(len(batch), max(lengths), dtype=torch.long)
-        for i, r in enumerate(rest):
-            tokens[i, : lengths[i]] = torch.tensor(r)
-        logits = self.model(tokens.to(self.device), cache=self.cache, start_pos=[s.cached for s in batch],
-                            slots=[s.slot for s in batch], last_index=torch.tensor(lengths, device=self.device) - 1)
+        # What prefix reuse left to run: the prompt's rest, and for a resumed sequence its output too, so that
+        # the last logits are those after its last generated token, as a decode step would give.
+        rest = [s.token_ids[s.cached:] for s in batch]
+        # Right padding writes every row up to its start plus the longest rest; where that would pass the
+        # cache's length (a row that reuses a long prefix beside one that reuses none), run them apart.
+        groups: list[list[int]] = [[]]
+        for i in range(len(batch)):
+            group = groups[-1] + [i]
+            if groups[-1] and (max(batch[j].cached for j in group) + max(len(rest[j]) for j in group)
+                               > self.cache.max_len):
+                groups.append([i])
+            else:
+                groups[-1] = group
+        parts = []
+        for group in groups:
+            lengths = [len(rest[i]) for i in group]
+            tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
+            for row, i in enumerate(group):
+                tokens[row, : lengths[row]] = torch.tensor(rest[i])
+            parts.append(self.model(tokens.to(self.device), cache=self.cache,
+                                    start_pos=[batch[i].cached for i in group], slots=[batch[i].slot for i in group],
+                                    last_index=torch.tensor(lengths, device=self.device) - 1))
         for s in batch:
-            s.cached = len(s.prompt_ids)
-        return self._sample(batch, logits)
+            s.cached = s.num_tokens
+        return self._sample(batch, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _decode(self, batch: list[Sequence]) -> list[tuple[Sequence, str]]:
-        self._ensure_cache(max(s.num_tokens + 1 for s in batch))
         tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
         logits = self.model(tokens, cache=self.cache, start_pos=[s.cached for s in batch],
                             slots=[s.slot for s in batch])[:, -1]
@@ -215,20 +335,30 @@ class Engine:
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:
         logits = logits.float()
         simple = all(s.params.greedy and s.sampler.counts is None and s.sampler.seen is None
-                     and s.sampler.bias is None and s.constraint is None for s in batch)
-        if simple:  # one argmax for the whole batch
-            chosen = logits.argmax(-1).tolist()
-        else:
-            chosen = [s.sampler.sample(logits[i] if s.constraint is None
-                                       else s.constraint.mask(logits[i], s.max_tokens - len(s.output_ids)))
-                      for i, s in enumerate(batch)]
+                     and s.sampler.bias is None and s.constraint is None
+                     and len(s.output_ids) >= s.params.min_tokens for s in batch)
+        chosen: list[int] = logits.argmax(-1).tolist() if simple else [-1] * len(batch)  # one argmax for all
         out = []
-        for i, (s, tok) in enumerate(zip(batch, chosen)):
-            if s.constraint is not None:
-                s.constraint.accept(tok)
-            if s.params.logprobs:
-                s.logprobs.append(token_logprob(logits[i], tok, s.params.top_logprobs))
-            out.append((s, self._append(s, tok)))
+        for i, s in enumerate(batch):
+            # A failure in one row (its sampler, constraint or stop handling) fails that sequence alone.
+            try:
+                if not simple:
+                    row = logits[i] if s.constraint is None else s.constraint.mask(logits[i], s.max_tokens
+                                                                                   - len(s.output_ids))
+                    if len(s.output_ids) < s.params.min_tokens:  # no end-of-turn before min_tokens
+                        ends = [t for t in s.stop_ids if t < row.shape[0]]
+                        row = row.index_fill(0, torch.tensor(ends, dtype=torch.long, device=row.device),
+                                             float("-inf"))
+                    chosen[i] = s.sampler.sample(row)
+                tok = chosen[i]
+                if s.constraint is not None:  # near the end of its budget it may take its own closing move
+                    tok = s.constraint.accept(tok)
+                if s.params.logprobs:
+                    s.logprobs.append(token_logprob(logits[i], tok, s.params.top_logprobs))
+                out.append((s, self._append(s, tok)))
+            except Exception as e:
+                s.error, s.finish_reason = e, "error"
+                out.append((s, ""))
             if s.done:
                 self.running.pop(s.slot, None)
         return out
@@ -238,15 +368,16 @@ class Engine:
         s.output_ids.append(tok)
         s.sampler.observe(tok)
         if tok in s.stop_ids:
-            s.output_ids.pop()  # end-of-turn tokens never appear in the output
-            if s.params.logprobs:
-                s.logprobs.pop()
+            # End-of-turn tokens never appear in the output, but their logprob entry stays: the token was
+            # sampled, and scoring clients (echo + logprobs) read the entry after the prompt's last token.
+            s.output_ids.pop()
             s.finish_reason = "stop"
             return self._release(s, final=True)
         if s.decoder is not None:
             s.raw += s.decoder.push(tok)
         if len(s.output_ids) >= s.max_tokens:
-            s.finish_reason = "length"
+            # A constrained output that is a whole document has finished, though at the budget's last token.
+            s.finish_reason = "stop" if s.constraint is not None and s.constraint.complete else "length"
             return self._release(s, final=True)
         return self._release(s, final=False)
 
@@ -256,8 +387,10 @@ class Engine:
         if final:
             s.raw += s.decoder.flush()
         safe = len(s.raw)
-        # Released text never holds a stop string or its start, so a match begins after it.
-        hits = [j for j in (s.raw.find(stop, len(s.text)) for stop in s.params.stop) if j != -1]
+        # Released text never holds a stop string or its start, so a match begins after it. Before
+        # min_tokens no stop string counts (vLLM's semantics).
+        early = len(s.output_ids) < s.params.min_tokens
+        hits = [] if early else [j for j in (s.raw.find(stop, len(s.text)) for stop in s.params.stop) if j != -1]
         if hits:
             safe = min(hits)
             s.raw = s.raw[:safe]
@@ -281,6 +414,9 @@ class Engine:
         seqs = [self.add(p, sp) for p, sp in zip(prompts, plist)]
         while not all(s.done for s in seqs):
             self.step()
+        failed = next((s for s in seqs if s.error is not None), None)
+        if failed is not None:
+            raise failed.error
         return seqs
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
@@ -291,6 +427,8 @@ class Engine:
                 for s, delta in self.step():
                     if s is seq and delta:
                         yield delta
+            if seq.error is not None:
+                raise seq.error
         finally:
             if not seq.done:
                 self.cancel(seq)

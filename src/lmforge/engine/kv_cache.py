@@ -1,7 +1,9 @@
-"""A preallocated KV cache with one slot per sequence.
+"""A preallocated KV cache with one slot per sequence, sized by a memory budget.
 
 Each sequence owns a slot (a row) and its own length, so sequences of different lengths decode in
-one batched step and can join or leave between steps (continuous batching).
+one batched step and can join or leave between steps (continuous batching). The cache holds
+`rows` slots of `max_len` positions; the engine picks that shape so that rows x max_len never
+exceeds the tokens its memory budget holds.
 """
 
 from __future__ import annotations
@@ -11,20 +13,36 @@ import torch
 from ..errors import LMForgeError
 from ..model.config import ModelConfig
 
+# The KV cache budget when none is given. It holds thousands of tokens of a small model (11,650 of
+# SmolLM2-135M in fp32, more than its full 8,192-token context) while staying well inside a laptop's
+# memory. A model whose one full-context sequence needs more gets that much instead (see
+# `default_kv_memory`), so that every request its context allows can run.
+DEFAULT_KV_MEMORY = 512 * 2**20
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of keys and values that one token takes in the cache (all layers)."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def default_kv_memory(cfg: ModelConfig, context: int, dtype: torch.dtype) -> int:
+    """The default budget: DEFAULT_KV_MEMORY, or one sequence of the full context if that is more."""
+    return max(DEFAULT_KV_MEMORY, context * kv_bytes_per_token(cfg, dtype))
+
 
 class KVCache:
     def __init__(
         self,
         cfg: ModelConfig,
-        max_batch: int,
+        rows: int,
         max_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_batch, self.max_len = max_batch, max_len
+        self.rows, self.max_len = rows, max_len
         self._rows: slice | torch.Tensor = slice(0, 0)
         self._cols: slice | torch.Tensor = slice(0, 0)
         self._kv_len = 0

@@ -138,8 +138,8 @@ def score_groups(model: Transformer, groups: Sequence[Sequence[Request]], batch_
         n_slots = sum(len(reqs) for reqs, _, _ in batch)
         # Padded rows all span the longest row's length past the largest prefix.
         need = max(p for _, p, _ in batch) + max(len(r) for _, _, rows in batch for r in rows)
-        if cache is None or cache.max_batch < n_slots or cache.max_len < need:
-            cache = KVCache(model.cfg, max(n_slots, cache.max_batch if cache else 0),
+        if cache is None or cache.rows < n_slots or cache.max_len < need:
+            cache = KVCache(model.cfg, max(n_slots, cache.rows if cache else 0),
                             max(need, cache.max_len if cache else 0), dev, next(model.parameters()).dtype)
         # 1. The shared prefixes, one row per group, into the group's first slot.
         first, slot = [], 0

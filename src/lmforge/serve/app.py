@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -19,14 +20,17 @@ import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LM
 from ..engine import Engine, SamplingParams, TokenLogprob
+from ..engine.sampling import DEFAULT_TEMPERATURE, choice_seed
 from ..errors import LMForgeError
+from ..tokenizer import CHATML_TEMPLATE
 from .gate import APIError, Gate, ServerConfig, envelope, error_response
 from .metrics import Metrics
-from .scheduler import Event, Job, QueueFull, Scheduler
+from .scheduler import Event, Job, NeverFits, QueueFull, Scheduler, SchedulerDown
 from .schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -36,8 +40,15 @@ from .schemas import (
     ResponseFormat,
     TokenizeRequest,
 )
+from .structured import Grammar
 
 MAX_STOP = 16
+# Text longer than this many bytes per token of the context window cannot fit it (real tokens average a few
+# bytes), so it is refused before tokenizing: tokenizing megabytes only to refuse them would waste a core.
+MAX_BYTES_PER_TOKEN = 64
+# Work done between two engine steps: prompt positions scored, or inputs embedded.
+SCORE_CHUNK = 256
+EMBED_CHUNK = 8
 
 
 # -- the server state ---------------------------------------------------------------------------------------
@@ -47,8 +58,11 @@ class Server:
     def __init__(self, lm: LM, cfg: ServerConfig) -> None:
         self.lm, self.cfg = lm, cfg
         self.tok = lm.tokenizer
-        self.engine = Engine(lm.model, self.tok, max_batch=cfg.max_batch, max_len=cfg.ctx)
+        self.engine = Engine(lm.model, self.tok, max_batch=cfg.max_batch, max_len=cfg.ctx, kv_memory=cfg.kv_memory)
         self.ctx = self.engine.context
+        # Named in context errors; when the KV cache budget is smaller than the model's context, it is the limit.
+        self.window = f"the context window is {self.ctx} tokens" + (
+            " (all that the KV cache memory, --kv-memory, holds)" if self.engine.kv_limits_context else "")
         self.vocab = lm.config.vocab_size
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.engine, max_queue=cfg.max_queue, metrics=self.metrics)
@@ -58,6 +72,7 @@ class Server:
         self._grammar_lock = threading.Lock()
         self._grammar_cache: dict[str, str] = {}
         self._token_text: dict[int, str] = {}
+        self.max_text_bytes = self.ctx * MAX_BYTES_PER_TOKEN
 
     # -- validation helpers --------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -74,10 +89,30 @@ class Server:
             raise APIError(400, f"{param} is empty", param=param)
         if len(raw) > limit:
             raise APIError(400, f"at most {limit} {param}s are allowed, got {len(raw)}", param=param)
+        for x in raw:
+            if isinstance(x, str):
+                self.check_text_size([x], param)
         rows = [self.tok.encode(x) if isinstance(x, str) else list(x) for x in raw]
         for ids in rows:
             self.check_ids(ids, param)
         return raw, rows
+
+    def check_text_size(self, texts: list[str], param: str) -> None:
+        """Refuse text that cannot fit the context window, by its size, before tokenizing it."""
+        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        if size > self.max_text_bytes:
+            raise APIError(400, f"{param} is {size} bytes, more than can fit the context window of {self.ctx} tokens "
+                                f"(at most {self.max_text_bytes} bytes are accepted)",
+                           param=param, code="context_length_exceeded")
+
+    def check_chat_size(self, messages: list[ChatMessage]) -> None:
+        texts = []
+        for m in messages:
+            if isinstance(m.content, str):
+                texts.append(m.content)
+            elif m.content:
+                texts.extend(p.text or "" for p in m.content)
+        self.check_text_size(texts, "messages")
 
     def check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -86,16 +121,17 @@ class Server:
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary of {self.vocab}", param=param)
 
-    def budget(self, prompt_len: int, requested: int | None, explicit: bool, param: str = "max_tokens") -> int:
+    def budget(self, prompt_len: int, requested: int | None, explicit: bool, param: str = "max_tokens",
+               prompt_param: str = "prompt") -> int:
         """How many tokens a completion may generate; context overflow is a 400 naming both counts."""
         if prompt_len >= self.ctx:
-            raise APIError(400, f"the prompt is {prompt_len} tokens, but the context window is {self.ctx} tokens",
-                           param="messages" if param != "max_tokens" else "prompt", code="context_length_exceeded")
+            raise APIError(400, f"the prompt is {prompt_len} tokens, but {self.window}",
+                           param=prompt_param, code="context_length_exceeded")
         room = self.ctx - prompt_len
         if requested is None:
             return room
         if requested > room and explicit:
-            raise APIError(400, f"the context window is {self.ctx} tokens, but {prompt_len + requested} were requested "
+            raise APIError(400, f"{self.window}, but {prompt_len + requested} were requested "
                                 f"({prompt_len} in the prompt, {requested} for the completion)",
                            param=param, code="context_length_exceeded")
         return min(requested, room)
@@ -114,25 +150,41 @@ class Server:
                 raise APIError(400, f"logit_bias token id {tok} is outside the vocabulary of {self.vocab}",
                                param="logit_bias")
             bias[tok] = v
-        seed = None if req.seed is None else req.seed + index  # n>1 with one seed: distinct, reproducible
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
+                temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=max(0, req.top_k or 0),
                 min_p=req.min_p or 0.0,
                 repetition_penalty=req.repetition_penalty or 1.0,
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
-                logit_bias=bias or None, seed=seed, stop=stop, ignore_eos=req.ignore_eos,
-                logprobs=logprobs, top_logprobs=top_logprobs,
+                logit_bias=bias or None, seed=choice_seed(req.seed, index), stop=stop, ignore_eos=req.ignore_eos,
+                logprobs=logprobs, top_logprobs=top_logprobs, min_tokens=req.min_tokens,
             )
-        except LMForgeError as e:
-            raise APIError(400, str(e)) from None
+        except LMForgeError as e:  # a SamplingError names the parameter
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
 
     # -- structured output ------------------------------------------------------------------------------
-    def grammar(self, fmt: ResponseFormat | None) -> str | None:
+    def grammar(self, req: Any) -> Grammar | None:
+        """The compiled grammar of a request's response_format (or vLLM's guided_json); None for free text."""
+        fmt: ResponseFormat | None = req.response_format
+        param = "response_format"
+        if req.guided_json is not None:
+            if fmt is not None and fmt.type != "text":
+                raise APIError(400, "send response_format or guided_json, not both", param="guided_json")
+            schema_ = req.guided_json
+            if isinstance(schema_, str):
+                try:
+                    schema_ = json.loads(schema_)
+                except ValueError:
+                    raise APIError(400, "guided_json must be a JSON schema (an object, or a string holding one)",
+                                   param="guided_json") from None
+            if not isinstance(schema_, dict):
+                raise APIError(400, "guided_json must be a JSON schema object", param="guided_json")
+            fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"schema": schema_}})
+            param = "guided_json"
         if fmt is None or fmt.type == "text":
             return None
         schema: dict[str, Any] | None = None
@@ -150,12 +202,29 @@ class Server:
                 try:
                     self._grammar_cache[key] = self._grammars.compile(schema)
                 except LMForgeError as e:
-                    raise APIError(400, str(e), param="response_format") from None
+                    raise APIError(400, str(e), param=param) from None
                 if len(self._grammar_cache) > 256:
                     self._grammar_cache.pop(next(iter(self._grammar_cache)))
             return self._grammar_cache[key]
 
-    def constraints(self, grammar: str | None, n: int) -> list[Any]:
+    def check_structured(self, req: Any, grammar: Grammar | None, max_tokens: int, param: str) -> None:
+        """A structured completion must have room for the schema's shortest document, so that it always ends
+        complete; and cannot be held open by min_tokens past its end."""
+        if grammar is None:
+            return
+        if req.min_tokens:
+            raise APIError(400, "min_tokens cannot be combined with structured output (the document decides "
+                                "where the output ends)", param="min_tokens")
+        if max_tokens < grammar.min_tokens:
+            raise APIError(400, f"{param} is {max_tokens}, but the shortest document this response format admits "
+                                f"is {grammar.min_tokens} tokens", param=param)
+
+    def check_generates(self) -> None:
+        if self.lm.is_encoder:
+            raise APIError(400, f"{self.cfg.model_name} is an encoder (bidirectional) model: it embeds text "
+                                "(/v1/embeddings) but cannot generate or score completions", param="model")
+
+    def constraints(self, grammar: Grammar | None, n: int) -> list[Any]:
         return [None if grammar is None else self._grammars.constraint(grammar) for _ in range(n)]
 
     # -- text of tokens -----------------------------------------------------------------------------------
@@ -165,50 +234,100 @@ class Server:
             text = self._token_text[i] = self.tok.decode([i], skip_special_tokens=False)
         return text
 
-    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool | None = True,
+                 continue_final_message: bool = False) -> list[int]:
+        """The rendered conversation's tokens. ``continue_final_message``: the final (assistant) message is
+        continued rather than answered; a generation prompt is then left out unless asked for (a 400)."""
         if len(messages) > self.cfg.max_messages:
             raise APIError(400, f"at most {self.cfg.max_messages} messages are allowed, got {len(messages)}",
                            param="messages")
         msgs = []
-        for m in messages:
+        for i, m in enumerate(messages):
+            for name in ("tool_calls", "function_call"):
+                if getattr(m, name):
+                    raise APIError(400, f"{name} in messages is not supported (no tool calling)",
+                                   param=f"messages.{i}.{name}")
             content = m.content
             if isinstance(content, list):
-                content = "".join(p.text or "" for p in content if p.type == "text")
-            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+                for j, part in enumerate(content):
+                    if part.type != "text":  # an image, audio or file: this server reads text only
+                        raise APIError(400, f"content parts of type {part.type!r} are not supported (only text)",
+                                       param=f"messages.{i}.content.{j}.type")
+                content = "".join(p.text or "" for p in content)
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+            msg |= {k: v for k in ("name", "tool_call_id") if (v := getattr(m, k)) is not None}
+            msgs.append(msg)
+        if continue_final_message:
+            if messages[-1].role != "assistant":
+                raise APIError(400, "continue_final_message needs the last message to be the assistant's",
+                               param="continue_final_message")
+            if add_generation_prompt:
+                raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                               param="add_generation_prompt")
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
         try:
-            return self.tok.encode_chat(msgs, add_generation_prompt=add_generation_prompt)
+            return self.tok.encode_chat(msgs, add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message)
         except LMForgeError as e:
-            raise APIError(400, str(e), param="messages") from None
+            raise APIError(400, str(e), param="continue_final_message" if continue_final_message else "messages"
+                           ) from None
 
     # -- work on the scheduler thread -----------------------------------------------------------------------
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         m = self.lm.model
         return m.lm_head(h) if m.lm_head is not None else F.linear(h, m.tok_emb.weight)
 
-    def prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
-        """Logprob of every prompt token given the ones before it (None for the first), chunked over positions."""
+    def prompt_logprobs(self, ids: list[int], top: int) -> Generator[None, None, list[TokenLogprob | None]]:
+        """Logprob of every prompt token given the ones before it (None for the first). A generator run by
+        the scheduler: it scores SCORE_CHUNK positions at a time through its own KV cache, yielding between
+        chunks so that running sequences keep decoding."""
+        from ..engine import KVCache
+
         out: list[TokenLogprob | None] = [None]
-        with torch.inference_mode():
-            hidden = self.lm.model(torch.tensor([ids], device=self.engine.device), return_hidden=True)[0]
-            for start in range(0, len(ids) - 1, 256):
-                lp = torch.log_softmax(self._head(hidden[start:start + 256]).float(), -1)
-                for j in range(lp.shape[0]):
-                    pos = start + j + 1
-                    if pos >= len(ids):
-                        break
-                    alts: list[tuple[int, float]] = []
-                    if top:
-                        vals, idx = torch.topk(lp[j], top)
-                        alts = list(zip(idx.tolist(), vals.tolist()))
-                    out.append(TokenLogprob(ids[pos], float(lp[j, ids[pos]]), alts))
+        model = self.lm.model
+        cache = KVCache(model.cfg, 1, len(ids), self.engine.device, self.engine.dtype) if model.cfg.causal else None
+        tokens = torch.tensor([ids], device=self.engine.device)
+        step = SCORE_CHUNK if cache is not None else len(ids)  # an encoder sees the whole text at once
+        for start in range(0, len(ids) - 1, step):
+            with torch.inference_mode():
+                if cache is not None:
+                    hidden = model(tokens[:, start:start + step], cache=cache, start_pos=[start], slots=[0],
+                                   return_hidden=True)[0]
+                else:
+                    hidden = model(tokens, return_hidden=True)[0]
+                lp = torch.log_softmax(self._head(hidden).float(), -1)
+            for j in range(lp.shape[0]):
+                pos = start + j + 1
+                if pos >= len(ids):
+                    break
+                alts: list[tuple[int, float]] = []
+                if top:
+                    vals, idx = torch.topk(lp[j], top)
+                    alts = list(zip(idx.tolist(), vals.tolist()))
+                out.append(TokenLogprob(ids[pos], float(lp[j, ids[pos]]), alts))
+            yield
         return out
 
-    def embed(self, batch: list[list[int]]) -> list[torch.Tensor]:
-        """Vectors pooled as `LM.embed` pools them (an encoder's sentence-transformers config; mean otherwise)."""
+    def score_prompts(self, prompts: list[list[int]], top: int
+                      ) -> Generator[None, None, list[list[TokenLogprob | None]]]:
+        out = []
+        for ids in prompts:
+            out.append((yield from self.prompt_logprobs(ids, top)))
+        return out
+
+    def embed(self, batch: list[list[int]]) -> Generator[None, None, list[torch.Tensor]]:
+        """Vectors pooled as `LM.embed` pools them (an encoder's sentence-transformers config; mean otherwise);
+        a generator run by the scheduler, EMBED_CHUNK inputs at a time."""
         from ..embeddings import embed_ids, pad_id
 
-        vecs = torch.from_numpy(embed_ids(self.lm.model, batch, pad_id(self.tok), self.lm.pooling))
-        return list(F.normalize(vecs, dim=-1))  # unit vectors, as OpenAI's embeddings are
+        vecs: list[torch.Tensor] = []
+        for start in range(0, len(batch), EMBED_CHUNK):
+            part = torch.from_numpy(embed_ids(self.lm.model, batch[start:start + EMBED_CHUNK], pad_id(self.tok),
+                                              self.lm.pooling))
+            vecs.extend(F.normalize(part, dim=-1))  # unit vectors, as OpenAI's embeddings are
+            yield
+        return vecs
 
 
 # -- formatting -------------------------------------------------------------------------------------------------
@@ -255,6 +374,27 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _api_error_for(e: Exception) -> APIError:
+    """The HTTP answer to an error: lmforge's own are the client's (400, naming the field where known) or the
+    server's state (429 busy, 503 down); anything else is an internal error."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFull):
+        return APIError(429, str(e), "rate_limit_error", None, "queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, NeverFits):
+        return APIError(400, str(e), param="n", code="request_too_large")
+    if isinstance(e, SchedulerDown):
+        return APIError(503, str(e), "server_error", code="server_unavailable")
+    if isinstance(e, LMForgeError):
+        return APIError(400, str(e), param=getattr(e, "param", None))
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+def _stream_error(e: Exception) -> str:
+    """A failure after the stream's headers went out is reported in-band, as OpenAI does; [DONE] follows."""
+    return _sse(_api_error_for(e).body()) + "data: [DONE]\n\n"
+
+
 # -- the app ------------------------------------------------------------------------------------------------------
 def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
     """Build the FastAPI app; its scheduler thread starts now and stops at shutdown."""
@@ -265,7 +405,8 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
         yield
         server.scheduler.close()
 
-    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The API's description is served for clients' tools; no docs pages (they would load scripts from a CDN).
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
     app.add_middleware(Gate, cfg=cfg, metrics=server.metrics)
 
@@ -277,7 +418,8 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         err = (e.errors() or [{}])[0]
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        # A body that is not JSON has no field to name (its loc holds the character offset instead).
+        param = None if err.get("type") == "json_invalid" else ".".join(loc) or None
         msg = err.get("msg", "invalid request")
         return envelope(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")
 
@@ -289,7 +431,7 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
 
     @app.exception_handler(LMForgeError)
     async def _lmforge_error(request: Request, e: LMForgeError) -> JSONResponse:
-        return envelope(400, str(e), "invalid_request_error")
+        return error_response(_api_error_for(e))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
@@ -297,13 +439,19 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
 
     # -- plain routes ----------------------------------------------------------------------------------
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": cfg.model_name, "running": server.scheduler.running,
-                "waiting": server.scheduler.waiting}
+    async def health() -> Any:
+        body = {"status": "ok", "model": cfg.model_name, "running": server.scheduler.running,
+                "waiting": server.scheduler.waiting, "kv_cache": server.engine.kv_info}
+        if not server.scheduler.alive:  # nothing can be served: say why, with a status a probe notices
+            return JSONResponse(body | {"status": "error",
+                                        "error": server.scheduler.error or "the scheduler thread has stopped"}, 503)
+        return body
 
     def model_card() -> dict[str, Any]:
+        # an encoder only embeds; the web page and clients read this to offer the right interface
+        caps = ["embeddings"] if lm.is_encoder else ["completions", "chat", "embeddings"]
         return {"id": cfg.model_name, "object": "model", "created": server.created, "owned_by": "lmforge",
-                "max_model_len": server.ctx}
+                "max_model_len": server.ctx, "capabilities": caps}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -320,15 +468,22 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
 
     @app.get("/")
     async def index() -> HTMLResponse:
-        return HTMLResponse(resources.files("lmforge.serve").joinpath("static/index.html").read_text("utf-8"))
+        page = resources.files("lmforge.serve").joinpath("static/index.html").read_text("utf-8")
+        # the page's temperature control starts at the server's own default
+        return HTMLResponse(page.replace("{{DEFAULT_TEMPERATURE}}", f"{DEFAULT_TEMPERATURE:g}"))
+
+    # the page's vendored scripts and styles, shipped in the package (nothing is fetched from elsewhere)
+    app.mount("/static", StaticFiles(packages=[("lmforge.serve", "static")]), name="static")
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         server.check_model(req.model)
         if req.messages is not None:
-            ids = server.chat_ids(req.messages, req.add_generation_prompt)
+            server.check_chat_size(req.messages)
+            ids = await asyncio.to_thread(server.chat_ids, req.messages, req.add_generation_prompt)
         elif req.prompt is not None:
-            ids = server.tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            server.check_text_size([req.prompt], "prompt")
+            ids = await asyncio.to_thread(server.tok.encode, req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             raise APIError(400, "send `prompt` or `messages`", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": server.ctx}
@@ -339,12 +494,21 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
         bad = next((i for i in req.tokens if not 0 <= i < server.vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary of {server.vocab}", param="tokens")
-        return {"prompt": server.tok.decode(req.tokens)}
+        return {"prompt": await asyncio.to_thread(server.tok.decode, req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """The tokenizer's configuration as vLLM serves it (tokenizer_config.json's keys), so that clients
+        such as lm-eval-harness's remote tokenizer need no copy of the tokenizer."""
+        tok = server.tok
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "model_max_length": server.ctx,
+                "chat_template": tok.chat_template or CHATML_TEMPLATE}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
         server.check_model(req.model)
-        _, batch = server.token_rows(req.input, "input", cfg.max_inputs)
+        _, batch = await asyncio.to_thread(server.token_rows, req.input, "input", cfg.max_inputs)
         for ids in batch:
             if len(ids) > server.ctx:
                 raise APIError(400, f"an input is {len(ids)} tokens, but the context window is {server.ctx} tokens",
@@ -355,24 +519,24 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
             if req.dimensions > dim:
                 raise APIError(400, f"dimensions must be at most {dim}, got {req.dimensions}", param="dimensions")
             vecs = [F.normalize(v[: req.dimensions], dim=-1) for v in vecs]
-        data = []
-        for i, v in enumerate(vecs):
-            emb: Any = (base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
-                        if req.encoding_format == "base64" else v.tolist())
-            data.append({"object": "embedding", "index": i, "embedding": emb})
+
         n_tokens = sum(len(ids) for ids in batch)
         server.metrics.tokens_in.inc(n_tokens)
-        return {"object": "list", "data": data, "model": cfg.model_name,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+        def render() -> JSONResponse:  # formatting and JSON-encoding many floats: off the loop too
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+                     if req.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vecs)]
+            return JSONResponse({"object": "list", "data": data, "model": cfg.model_name,
+                                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+        return await asyncio.to_thread(render)
 
     # -- generation -----------------------------------------------------------------------------------------
     async def run_job(request: Request, prompts: list[list[int]], params: list[SamplingParams],
-                      grammar: str | None) -> Job:
+                      grammar: Grammar | None) -> Job:
         constraints = server.constraints(grammar, len(prompts))
-        try:
-            job = server.scheduler.submit(prompts, params, constraints)
-        except QueueFull as e:
-            raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
+        job = server.scheduler.submit(prompts, params, constraints)  # QueueFull -> 429, NeverFits -> 400
         server.metrics.tokens_in.inc(sum(len(p) for p in prompts))
         return job
 
@@ -384,7 +548,7 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
             while remaining:
                 item = await job.events.get()
                 if isinstance(item, LMForgeError):
-                    raise APIError(400, str(item))
+                    raise _api_error_for(item)
                 if isinstance(item, Exception):
                     raise item
                 if item.finish_reason is not None:
@@ -411,24 +575,37 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
         server.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = server.chat_ids(req.messages)
+        server.check_generates()
+        server.check_chat_size(req.messages)
+        ids = await asyncio.to_thread(server.chat_ids, req.messages,  # template and tokenizer: off the loop
+                                      req.add_generation_prompt, req.continue_final_message)
         server.check_ids(ids, "messages")
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         explicit = requested is not None
         max_tokens = server.budget(len(ids), requested, explicit,
-                                   "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+                                   "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+                                   prompt_param="messages")
         params = [server.sampling(req, max_tokens, req.logprobs, req.top_logprobs or 0, i) for i in range(req.n)]
-        grammar = server.grammar(req.response_format)
+        grammar = await asyncio.to_thread(server.grammar, req)
+        server.check_structured(req, grammar, max_tokens,
+                                "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         job = await run_job(request, [ids] * req.n, params, grammar)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": cfg.model_name, "system_fingerprint": "lmforge"}
+        shown = [0] * req.n  # logprob entries passed on, per choice
+
+        def content_lps(ev: Event) -> list[TokenLogprob]:
+            # Chat logprobs cover the content, as OpenAI's do: not the end-of-turn token that ended it.
+            keep = ev.logprobs[:max(0, ev.completion_tokens - shown[ev.index])]
+            shown[ev.index] += len(keep)
+            return keep
 
         if not req.stream:
             texts, reasons, counts = [""] * req.n, [None] * req.n, [0] * req.n
             lps: list[list[TokenLogprob]] = [[] for _ in range(req.n)]
             async for ev in events(job, request):
                 texts[ev.index] += ev.text
-                lps[ev.index].extend(ev.logprobs)
+                lps[ev.index].extend(content_lps(ev))
                 if ev.finish_reason is not None:
                     reasons[ev.index], counts[ev.index] = ev.finish_reason, ev.completion_tokens
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -449,16 +626,17 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
             total = 0
             try:
                 async for ev in events(job, None):
-                    if ev.text or (ev.logprobs and req.logprobs):
-                        lp = _chat_logprobs(server, ev.logprobs) if req.logprobs else None
+                    ev_lps = content_lps(ev)
+                    if ev.text or (ev_lps and req.logprobs):
+                        lp = _chat_logprobs(server, ev_lps) if req.logprobs else None
                         yield _sse(chunk | {"choices": [{"index": ev.index, "delta": {"content": ev.text},
                                                          "logprobs": lp, "finish_reason": None}]} | extra)
                     if ev.finish_reason is not None:
                         total += ev.completion_tokens
                         yield _sse(chunk | {"choices": [{"index": ev.index, "delta": {}, "logprobs": None,
                                                          "finish_reason": finish(ev.finish_reason)}]} | extra)
-            except APIError as e:  # headers are gone: report in-band, as OpenAI does
-                yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            except Exception as e:  # headers are gone: report in-band, as OpenAI does
+                yield _stream_error(e)
                 return
             if include_usage:
                 yield _sse(chunk | {"choices": [], "usage": {"prompt_tokens": len(ids), "completion_tokens": total,
@@ -484,7 +662,10 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         server.check_model(req.model)
-        raw, prompts = server.token_rows(req.prompt, "prompt", cfg.max_inputs)
+        server.check_generates()
+        if req.best_of is not None and req.best_of != req.n:  # every candidate is returned: best_of is n
+            raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
+        raw, prompts = await asyncio.to_thread(server.token_rows, req.prompt, "prompt", cfg.max_inputs)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         want = req.max_tokens if req.max_tokens is not None else None
         if want == 0 and not req.echo:
@@ -492,7 +673,9 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
         budgets = [server.budget(len(ids), want, explicit) for ids in prompts]
         top = req.logprobs or 0
         with_lp = req.logprobs is not None
-        grammar = server.grammar(req.response_format)
+        grammar = await asyncio.to_thread(server.grammar, req)
+        if any(budgets):
+            server.check_structured(req, grammar, min(b for b in budgets if b), "max_tokens")
         flat, params, owner = [], [], []
         for p, (ids, budget) in enumerate(zip(prompts, budgets)):
             for j in range(req.n):
@@ -502,8 +685,9 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
                     params.append(server.sampling(req, budget, with_lp, top, j))
         prompt_lps: list[list[TokenLogprob | None]] = []
         if req.echo and with_lp:
-            prompt_lps = await server.scheduler.call(lambda: [server.prompt_logprobs(ids, top) for ids in prompts])
-        texts_in = [server.tok.decode(ids) if isinstance(r, list) else r for r, ids in zip(raw, prompts)]
+            prompt_lps = await server.scheduler.call(lambda: server.score_prompts(prompts, top))
+        texts_in = await asyncio.to_thread(
+            lambda: [server.tok.decode(ids) if isinstance(r, list) else r for r, ids in zip(raw, prompts)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": cfg.model_name, "system_fingerprint": "lmforge"}
         n_choices = len(owner)
@@ -566,8 +750,8 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
                         total += ev.completion_tokens
                         yield _sse(chunk | {"choices": [{"index": ev.index, "text": "", "logprobs": None,
                                                          "finish_reason": finish(ev.finish_reason)}]} | extra)
-            except APIError as e:
-                yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            except Exception as e:  # headers are gone: report in-band, as OpenAI does
+                yield _stream_error(e)
                 return
             if include_usage:
                 yield _sse(chunk | {"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total,
@@ -590,4 +774,7 @@ def serve(lm: LM, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) 
     import uvicorn
 
     app = create_app(lm, cfg)
+    kv = app.state.server.engine.kv_info
+    print(f"KV cache: {kv['slots']} slots, up to {kv['context']} tokens each, {kv['tokens']} tokens in all, "
+          f"{kv['bytes'] / 2**20:.0f} MiB (--kv-memory)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

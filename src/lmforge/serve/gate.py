@@ -9,11 +9,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from ..errors import LMForgeError
 from .metrics import Metrics
 
-OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # no API key needed
+OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico", "/openapi.json"})  # no API key needed
+OPEN_PREFIXES = ("/static/",)  # the web page's scripts and styles: public, like the page itself
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
-          "/detokenize", "/metrics", "/")
+          "/detokenize", "/tokenizer_info", "/openapi.json", "/metrics", "/")
 
 
 @dataclass
@@ -23,27 +25,45 @@ class ServerConfig:
     max_batch: int = 16
     max_queue: int = 64
     ctx: int | None = None
+    kv_memory: int | None = None  # bytes for the KV cache, all slots together; None: the engine's default
     max_body_bytes: int = 4 * 2**20
     max_messages: int = 512
     max_inputs: int = 256  # embeddings inputs / completion prompts per request
+
+    def __post_init__(self) -> None:
+        self.api_keys = check_api_keys(self.api_keys, "api_keys") if self.api_keys else []
+
+
+def check_api_keys(keys: list[str], source: str) -> list[str]:
+    """The keys, stripped; an empty one is refused, since it would let every request in."""
+    out = [k.strip() for k in keys]
+    if not all(out):
+        raise LMForgeError(f"{source}: an API key must not be empty (leave it out to serve without keys)")
+    return out
 
 
 class APIError(Exception):
     """An error answered in OpenAI's envelope."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object (also sent as an event when a stream fails after its headers)."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None
-              ) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+def envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return envelope(e.status, e.message, e.type, e.param, e.code)
+    return envelope(e.status, e.message, e.type, e.param, e.code, e.headers)
 
 
 # -- middleware: API keys, body size, request counts ------------------------------------------------------
@@ -83,7 +103,8 @@ class Gate:
 
     async def _handle(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
         headers = dict(scope.get("headers") or [])
-        if self.keys and path not in OPEN_PATHS and not self._authorized(headers):
+        if (self.keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
+                and not self._authorized(headers)):
             await envelope(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
                             "invalid_request_error", None, "invalid_api_key")(scope, receive, send)
             return

@@ -41,6 +41,7 @@ class Metrics:
         self.requests = Counter()
         self.tokens_in = Counter()
         self.tokens_out = Counter()
+        self.preemptions = Counter()
         self.ttft = Histogram(_LATENCY)
         self.itl = Histogram(_LATENCY)
         self.waiting = 0
@@ -74,6 +75,8 @@ class Metrics:
         counter("lmforge_requests_total", "HTTP requests by endpoint and status code.", self.requests)
         counter("lmforge_prompt_tokens_total", "Prompt tokens processed.", self.tokens_in)
         counter("lmforge_generation_tokens_total", "Tokens generated.", self.tokens_out)
+        counter("lmforge_preemptions_total", "Sequences preempted to keep the KV cache within its memory budget "
+                "(resumed later by recomputing their keys and values).", self.preemptions)
         gauge("lmforge_queue_depth", "Sequences waiting for a slot.", self.waiting)
         gauge("lmforge_running_sequences", "Sequences being decoded.", self.running)
         histogram("lmforge_time_to_first_token_seconds", "Time from request to first generated token.", self.ttft)

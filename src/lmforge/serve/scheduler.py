@@ -4,15 +4,24 @@ Request handlers never touch the engine. They submit work through a thread-safe 
 per-step events on an asyncio queue; the loop admits new sequences and applies cancellations between
 steps, so every running sequence advances in one batched forward pass and a disconnected client's
 slot is free by the next step.
+
+Other model work (embeddings, prompt scoring) runs on the same thread as tasks: generators that do one
+chunk per loop turn, interleaved with the engine's steps, one task at a time in arrival order, and counted
+against the same limits. Nothing a
+request does can stop the loop: a failure fails that request alone, and a loop that cannot go on says so
+through `error` (which /health reports).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import queue
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections import deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +31,15 @@ from .metrics import Metrics
 
 
 class QueueFull(LMForgeError):
-    """Every slot is busy and the waiting queue is full."""
+    """Every slot is busy and the waiting queue is full (retry later)."""
+
+
+class NeverFits(LMForgeError):
+    """A request larger than the server's whole capacity: retrying cannot help."""
+
+
+class SchedulerDown(LMForgeError):
+    """The scheduler loop has stopped; no request can be served."""
 
 
 @dataclass
@@ -47,6 +64,18 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     seqs: list[Sequence] = field(default_factory=list)
     cancelled: bool = False
+    failed: bool = False
+
+
+@dataclass
+class Task:
+    """Model work other than generation. `work()` returns the result, or a generator that yields between
+    chunks and returns the result, so long work does not stall the running sequences."""
+
+    work: Callable[[], Any]
+    fut: asyncio.Future
+    gen: Generator[Any, None, Any] | None = None
+    started: bool = False
 
 
 class Scheduler:
@@ -60,6 +89,10 @@ class Scheduler:
         self._owner: dict[int, tuple[Job, int]] = {}  # sequence id -> (job, choice index)
         self._sent: dict[int, int] = {}  # sequence id -> logprobs already sent
         self._last: dict[int, float] = {}  # sequence id -> time of its previous token
+        self._tasks: deque[Task] = deque()
+        self._tasks_in = 0  # tasks queued and not finished (the one being advanced included)
+        self._tasks_started = 0
+        self.error: str | None = None  # why the loop stopped, if it did
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmforge-scheduler", daemon=True)
         self._thread.start()
@@ -69,14 +102,23 @@ class Scheduler:
     def capacity(self) -> int:
         return self.engine.max_batch + self.max_queue
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], constraints: list[Any] | None = None
-               ) -> Job:
-        """Queue one request's sequences (one per choice); raises QueueFull when there is no room."""
-        n = len(prompts)
+    def _reserve(self, n: int) -> None:
+        if self.error is not None:
+            raise SchedulerDown(f"the server cannot serve requests: {self.error}")
+        if n > self.capacity:
+            raise NeverFits(f"this request needs {n} sequences, but the server runs at most {self.capacity} at "
+                            f"once ({self.engine.max_batch} running + {self.max_queue} waiting)")
         with self._lock:
             if self._load + n > self.capacity:
                 raise QueueFull(f"the server is busy: {self._load} sequences in flight, room for {self.capacity}")
             self._load += n
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], constraints: list[Any] | None = None
+               ) -> Job:
+        """Queue one request's sequences (one per choice); raises QueueFull when there is no room now,
+        NeverFits when there never will be."""
+        n = len(prompts)
+        self._reserve(n)
         job = Job(prompts, params, constraints or [None] * n, asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(("add", job))
         return job
@@ -85,11 +127,13 @@ class Scheduler:
         job.cancelled = True
         self._inbox.put(("cancel", job))
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the scheduler thread between steps (the model is not shared across threads)."""
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._inbox.put(("call", (fut, fn)))
-        return await fut
+    async def call(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the scheduler thread (the model is not shared across threads), as one unit of load:
+        raises QueueFull when the server is full. If it returns a generator, each `next` is one chunk."""
+        self._reserve(1)
+        task = Task(work, asyncio.get_running_loop().create_future())
+        self._inbox.put(("call", task))
+        return await task.fut
 
     def close(self) -> None:
         self._stop.set()
@@ -98,18 +142,31 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self.engine.waiting)
+        return len(self.engine.waiting) + self._tasks_in - self._tasks_started
 
     @property
     def running(self) -> int:
-        return len(self.engine.running)
+        return len(self.engine.running) + self._tasks_started
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
 
     # -- the loop (scheduler thread) ----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # only a bug in the loop itself gets here: say so, and fail what is pending
+            self.error = f"the scheduler loop stopped: {type(e).__name__}: {e}"
+            traceback.print_exc()
+            self._fail_everything(SchedulerDown(self.error))
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 # Block only when idle; between steps just drain what has arrived.
-                cmd = self._inbox.get(timeout=None if not self.engine.has_work else 0)
+                busy = self.engine.has_work or self._tasks
+                cmd = self._inbox.get(timeout=0 if busy else None)
             except queue.Empty:
                 cmd = None
             while cmd is not None:
@@ -118,18 +175,18 @@ class Scheduler:
                     cmd = self._inbox.get_nowait()
                 except queue.Empty:
                     cmd = None
+            if self._tasks:
+                self._advance_task()
             if self.engine.has_work:
-                try:
-                    moved = self.engine.step()
-                except Exception as e:  # a failed step must not kill the server: fail what was in it
-                    self._fail_all(e)
-                    continue
-                self._publish(moved)
-            self.metrics.set_gauges(waiting=len(self.engine.waiting), running=len(self.engine.running))
+                self._step()
+            self.metrics.set_gauges(waiting=self.waiting, running=self.running)
 
     def _handle(self, kind: str, arg: Any) -> None:
         if kind == "add":
-            self._add(arg)
+            try:
+                self._add(arg)
+            except Exception as e:  # anything wrong with one request fails that request alone
+                self._fail_job(arg, e)
         elif kind == "cancel":
             for seq in arg.seqs:
                 if not seq.done:
@@ -137,15 +194,8 @@ class Scheduler:
                     self.metrics.tokens_out.inc(len(seq.output_ids))
                     self._finish(seq)
         elif kind == "call":
-            fut, fn = arg
-            try:
-                result, error = fn(), None
-            except Exception as e:
-                result, error = None, e
-            try:
-                fut.get_loop().call_soon_threadsafe(_resolve, fut, result, error)
-            except RuntimeError:  # the caller's event loop is gone
-                pass
+            self._tasks_in += 1
+            self._tasks.append(arg)
 
     def _add(self, job: Job) -> None:
         if job.cancelled:
@@ -154,17 +204,70 @@ class Scheduler:
         for i, (prompt, params, constraint) in enumerate(zip(job.prompts, job.params, job.constraints)):
             try:
                 seq = self.engine.add(prompt, params)
-            except LMForgeError as e:
-                self._release(len(job.prompts) - i)
-                for s in job.seqs:
-                    self.engine.cancel(s)
-                    self._finish(s)
-                _post(job, e)
-                return
+            except Exception:
+                self._release(len(job.prompts) - i)  # the ones never added; the added ones via _fail_job
+                raise
             seq.constraint = constraint
             job.seqs.append(seq)
             self._owner[seq.id] = (job, i)
             self._sent[seq.id] = 0
+
+    def _step(self) -> None:
+        before = {s.id for s in self.engine.running.values()}
+        preempted = self.engine.preemptions
+        try:
+            moved = self.engine.step()
+        except Exception as e:
+            # A failure the engine could not pin on one row: fail the step's rows (the sequences admitted by
+            # this step if it prefilled, else every running one), not the waiting ones.
+            running = list(self.engine.running.values())
+            rows = [s for s in running if s.id not in before] or running
+            for job in {id(j): j for j, _ in (self._owner[s.id] for s in rows if s.id in self._owner)}.values():
+                self._fail_job(job, e)
+            for s in rows:  # rows without a job (none today) must not keep their slots either
+                self.engine.cancel(s)
+            return
+        if self.engine.preemptions > preempted:
+            self.metrics.preemptions.inc(self.engine.preemptions - preempted)
+        self._publish(moved)
+
+    def _advance_task(self) -> None:
+        """One chunk of the oldest task. Tasks run one at a time, in order: a scoring task holds a KV cache
+        for its prompt, outside the engine's budget, so only one such cache may exist at once."""
+        task = self._tasks.popleft()
+        if task.fut.cancelled():  # the caller went away
+            self._end_task(task, None, None)
+            return
+        if not task.started:
+            task.started = True
+            self._tasks_started += 1
+        try:
+            if task.gen is None:
+                result = task.work()
+                if not inspect.isgenerator(result):
+                    self._end_task(task, result, None)
+                    return
+                task.gen = result
+            next(task.gen)
+        except StopIteration as stop:
+            self._end_task(task, stop.value, None)
+            return
+        except Exception as e:
+            self._end_task(task, None, e)
+            return
+        self._tasks.appendleft(task)
+
+    def _end_task(self, task: Task, result: Any, error: Exception | None) -> None:
+        if task.gen is not None:
+            task.gen.close()
+        if task.started:
+            self._tasks_started -= 1
+        self._tasks_in -= 1
+        self._release(1)
+        try:
+            task.fut.get_loop().call_soon_threadsafe(_resolve, task.fut, result, error)
+        except RuntimeError:  # the caller's event loop is gone
+            pass
 
     def _publish(self, moved: list[tuple[Sequence, str]]) -> None:
         now = time.perf_counter()
@@ -184,6 +287,9 @@ class Scheduler:
             self._sent[seq.id] = len(seq.logprobs)
             ev = Event(index, delta, lps, seq.finish_reason, len(seq.output_ids),
                        list(seq.output_ids) if seq.done else [])
+            if seq.error is not None:  # the engine failed this sequence alone: fail its request
+                self._fail_job(job, seq.error)
+                continue
             _post(job, ev)
             if seq.done:
                 self.metrics.tokens_out.inc(len(seq.output_ids))
@@ -199,13 +305,34 @@ class Scheduler:
         with self._lock:
             self._load -= n
 
-    def _fail_all(self, error: Exception) -> None:
-        jobs = {id(job): job for job, _ in self._owner.values()}
-        for seq in list(self.engine.waiting) + list(self.engine.running.values()):
-            self.engine.cancel(seq)
+    def _fail_job(self, job: Job, error: Exception) -> None:
+        """End every sequence of one request and hand it the error (once)."""
+        for seq in job.seqs:
+            if not seq.done:
+                self.engine.cancel(seq)
             self._finish(seq)
-        for job in jobs.values():
+        if not job.failed:
+            job.failed = True
             _post(job, error)
+
+    def _fail_everything(self, error: Exception) -> None:
+        for job in {id(j): j for j, _ in list(self._owner.values())}.values():
+            try:
+                self._fail_job(job, error)
+            except Exception:  # keep failing the others
+                pass
+        while self._tasks:
+            self._end_task(self._tasks.popleft(), None, error)
+        while True:  # what arrived but was never handled
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                _post(arg, error)
+            elif kind == "call":
+                self._tasks_in += 1
+                self._end_task(arg, None, error)
 
 
 def _resolve(fut: asyncio.Future, result: Any, error: Exception | None) -> None:

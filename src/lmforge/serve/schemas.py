@@ -1,14 +1,33 @@
-"""Request bodies of the OpenAI-compatible API (pydantic). Unknown fields are ignored, as OpenAI does."""
+"""Request bodies of the OpenAI-compatible API (pydantic).
+
+Every OpenAI parameter (and the vLLM extensions lmforge knows) is a field here, so that each one is
+either honoured, refused with a 400 that names it, or ignored on purpose (docs/serving.md lists which).
+Fields not named here are ignored, as vLLM does.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from ..engine.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    """A 400 whose `param` is the field being validated (the error's location)."""
+    return PydanticCustomError("unsupported", message)
+
+
+# Structured-output parameters of other servers; lmforge takes a JSON schema through response_format
+# (or vLLM's guided_json), and these are refused rather than dropped.
+_OTHER_GRAMMARS = ("guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                   "guided_whitespace_pattern", "structural_tag", "grammar", "json_schema")
 
 
 class StreamOptions(_Body):
@@ -30,7 +49,7 @@ class ResponseFormat(_Body):
 
 class _Sampling(_Body):
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=TEMPERATURE_MAX)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0 disables (vLLM uses -1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -38,14 +57,32 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=REPETITION_PENALTY_MAX)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
-    user: str | None = None
+    user: str | None = None  # ignored (OpenAI's abuse monitoring)
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's: no end-of-turn or stop string before this many tokens
+    guided_json: dict[str, Any] | str | None = None  # vLLM's spelling of a json_schema response_format
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structural_tag: Any = None
+    grammar: Any = None  # llama.cpp's GBNF
+    json_schema: Any = None  # llama.cpp's top-level schema
+
+    @field_validator(*_OTHER_GRAMMARS)
+    @classmethod
+    def _other_grammar(cls, v: Any, info: Any) -> Any:
+        if v is not None:
+            raise _refuse(f"{info.field_name} is not supported; send a JSON schema as response_format "
+                          "(or guided_json) instead")
+        return v
 
 
 class CompletionRequest(_Sampling):
@@ -53,17 +90,30 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    suffix: str | None = None  # refused: no fill-in-the-middle
+    best_of: int | None = Field(default=None, ge=1)  # only best_of == n (every candidate is returned)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise _refuse("suffix (fill-in-the-middle) is not supported")
+        return v
 
 
 class ContentPart(_Body):
-    type: str
+    type: str  # only "text": an image, audio or file part is a 400
     text: str | None = None
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = None  # passed to the chat template
+    tool_call_id: str | None = None  # passed to the chat template
+    tool_calls: list[dict[str, Any]] | None = None  # refused when non-empty (no tool calling)
+    function_call: dict[str, Any] | None = None  # refused (no function calling)
+    refusal: str | None = None  # ignored
 
 
 class ChatCompletionRequest(_Sampling):
@@ -72,6 +122,54 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # A final assistant message is continued (prefill) rather than answered (vLLM's parameters).
+    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None  # default: true, or false when continuing
+    tools: list[dict[str, Any]] | None = None  # refused when non-empty (no tool calling yet)
+    tool_choice: str | dict[str, Any] | None = None  # only "none"
+    functions: list[dict[str, Any]] | None = None  # refused when non-empty (no function calling)
+    function_call: str | dict[str, Any] | None = None  # only "none"
+    parallel_tool_calls: bool | None = None  # ignored: no tools
+    modalities: list[str] | None = None  # only ["text"]
+    audio: dict[str, Any] | None = None  # refused: no audio output
+    prediction: dict[str, Any] | None = None  # refused: no predicted outputs
+    reasoning_effort: str | None = None  # refused: the models served do not reason
+    verbosity: str | None = None  # refused
+    web_search_options: dict[str, Any] | None = None  # refused: no web search
+    # Ignored, as vLLM ignores them: bookkeeping of OpenAI's platform.
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # prefix reuse is automatic
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list[dict[str, Any]] | None, info: Any) -> list[dict[str, Any]] | None:
+        if v:
+            raise _refuse(f"{info.field_name} is not supported yet (no tool calling)")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any, info: Any) -> Any:
+        if v is not None and v != "none":
+            raise _refuse(f"{info.field_name} may only be \"none\" (no tool calling)")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and v != ["text"]:
+            raise _refuse(f"modalities must be [\"text\"], got {v}: only text is generated")
+        return v
+
+    @field_validator("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options")
+    @classmethod
+    def _unsupported(cls, v: Any, info: Any) -> Any:
+        if v is not None:
+            raise _refuse(f"{info.field_name} is not supported")
+        return v
 
 
 class EmbeddingRequest(_Body):

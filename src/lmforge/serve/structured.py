@@ -2,14 +2,16 @@
 
 llguidance compiles the schema into a grammar over the model's own tokenizer and says, at every step,
 which tokens keep the output a valid prefix. Masking alone cannot promise a *complete* document within
-``max_tokens``, so when the budget runs low a constraint switches to closing moves (end strings, close
-brackets, short literals) that it has checked, on a copy of the parser, reach a complete document in
-time.
+``max_tokens``, so each sequence plans, on a copy of the parser, the shortest way to a complete document
+that it knows (close the string, close the brackets, forced text in its canonical tokens, the shortest
+value for each required key). Near the end of the budget every sampled token is checked against that
+plan, and once the plan needs the whole remaining budget the sequence follows it exactly.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,9 +22,39 @@ from ..tokenizer import Tokenizer
 
 # Fixed separators and no free whitespace: a random model could otherwise spend its budget on spaces.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Tokens tried, in order, when the output must be closed quickly (after any pure closer like `"}`).
-_SHORT = ("0", "1", "true", "false", "null", '""', '"', "[]", "{}", "[", "{")
+# Values tried, in order, when a value must be written quickly (outside a string).
+_SHORT = ("0", "1", '""', "true", "null", "false", "[]", "{}", '"', "[", "{")
 _MAX_PLAN = 4096
+_LONGEST = 48  # longest token text tried when spelling a planned completion
+# Within this many tokens of slack (budget left minus the plan's length), every sampled token is checked.
+_WINDOW = 32
+
+
+class StructuredOutputError(LMForgeError):
+    """The document cannot be completed (the parser failed on the way): that request fails, naming
+    response_format, rather than return a fragment."""
+
+    param = "response_format"
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled grammar and the length, in tokens, of the shortest document the closing plan writes."""
+
+    text: str
+    min_tokens: int
+
+
+def _lex(in_string: bool, escaped: bool, text: str) -> tuple[bool, bool]:
+    """Whether JSON text leaves the writer inside a string (and just after a backslash there)."""
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif in_string and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_string = not in_string
+    return in_string, escaped
 
 
 class JsonGrammars:
@@ -36,18 +68,45 @@ class JsonGrammars:
         self.stop_ids = [i for i in tokenizer.stop_token_ids if i < vocab_size]
         self.lltok = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=vocab_size,
                                             eos_token=self.stop_ids or None)
-        texts = [tokenizer.decode([i], skip_special_tokens=False) if i < tokenizer.vocab_size else ""
-                 for i in range(vocab_size)]
+        self.texts = [tokenizer.decode([i], skip_special_tokens=False) if i < tokenizer.vocab_size else ""
+                      for i in range(vocab_size)]
         special = set(tokenizer.stop_token_ids)
-        # A bare `"` comes first: inside a string it is the only way out, while `]]` would be content
-        # there. Then bracket closers, longest first; tokens mixing `"` and brackets are left out.
-        quote = [i for i, t in enumerate(texts) if t == '"' and i not in special]
-        brackets = [i for i, t in enumerate(texts) if t and set(t) <= set("]}") and i not in special]
-        self.closers = quote + sorted(brackets, key=lambda i: -len(texts[i]))
-        by_text = {t: i for i, t in enumerate(texts) if t in _SHORT and i not in special}
+        added = {i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special}
+        self.quote = [i for i, t in enumerate(self.texts) if t == '"' and i not in special]
+        # Bracket closers, longest first (`]}` closes two levels in one token).
+        brackets = [i for i, t in enumerate(self.texts) if t and set(t) <= set("]}") and i not in special]
+        self.brackets = sorted(brackets, key=lambda i: -len(self.texts[i]))
+        by_text = {t: i for i, t in enumerate(self.texts) if t in _SHORT and i not in special}
         self.short = [by_text[t] for t in _SHORT if t in by_text]
+        # Whole-text tokens, for spelling a planned completion in as few tokens as the vocabulary allows.
+        self.spellings: dict[str, int] = {}
+        for i, t in enumerate(self.texts):
+            if t and "\ufffd" not in t and i not in special and i not in added:
+                self.spellings.setdefault(t, i)
+        self.longest = min(_LONGEST, max((len(t) for t in self.spellings), default=1))
 
-    def compile(self, schema: dict[str, Any] | None) -> str:
+    def spell(self, text: str) -> list[int] | None:
+        """The fewest tokens whose texts concatenate to `text` (None if the vocabulary cannot spell it)."""
+        n = len(text)
+        best: list[tuple[int, int, int] | None] = [None] * (n + 1)  # (tokens, previous end, token)
+        best[0] = (0, 0, -1)
+        for i in range(n):
+            if best[i] is None:
+                continue
+            for j in range(i + 1, min(n, i + self.longest) + 1):
+                tok = self.spellings.get(text[i:j])
+                if tok is not None and (best[j] is None or best[i][0] + 1 < best[j][0]):
+                    best[j] = (best[i][0] + 1, i, tok)
+        if best[n] is None:
+            return None
+        out, j = [], n
+        while j:
+            _, i, tok = best[j]
+            out.append(tok)
+            j = i
+        return out[::-1]
+
+    def compile(self, schema: dict[str, Any] | None) -> Grammar:
         """The grammar for a JSON schema (None: any JSON object); a bad schema is an LMForgeError."""
         try:
             grammar = self._llg.LLMatcher.grammar_from_json_schema(
@@ -57,71 +116,154 @@ class JsonGrammars:
         is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.lltok)
         if is_error:
             raise LMForgeError(f"invalid JSON schema: {messages[0].strip().splitlines()[0]}")
-        return grammar
+        # A schema may admit no finite document (an object that requires itself): refuse it here rather than
+        # stop with a fragment later.
+        state = _State(self, self._llg.LLMatcher(self.lltok, grammar, log_level=0))
+        plan = state.plan()
+        if plan is None:
+            raise LMForgeError("the JSON schema admits no document that can be completed "
+                               f"({state.failure or 'the shortest way to close it never ends'})")
+        return Grammar(grammar, len(plan))
 
-    def constraint(self, grammar: str) -> JsonConstraint:
+    def constraint(self, grammar: Grammar) -> JsonConstraint:
         return JsonConstraint(self, grammar)
 
 
-class JsonConstraint:
-    """Per-sequence grammar state, driven by the engine: ``mask`` before sampling, ``accept`` after."""
+class _State:
+    """A parser with the lexical state of the JSON text it has consumed."""
 
-    def __init__(self, grammars: JsonGrammars, grammar: str) -> None:
-        self.g = grammars
-        self.matcher = grammars._llg.LLMatcher(grammars.lltok, grammar, log_level=0)
-        self.closing = False
-        self._next_check: int | None = None  # remaining budget at which to re-plan (None: at once)
+    def __init__(self, g: JsonGrammars, matcher: Any, in_string: bool = False, escaped: bool = False) -> None:
+        self.g, self.matcher, self.in_string, self.escaped = g, matcher, in_string, escaped
+        self.failure: str | None = None
 
-    def _allowed(self, matcher: Any) -> np.ndarray:
-        bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+    def copy(self) -> _State:
+        return _State(self.g, self.matcher.deep_copy(), self.in_string, self.escaped)
+
+    def allowed(self) -> np.ndarray:
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, bitorder="little")[: self.g.vocab_size].view(bool)
 
-    def _closing_move(self, allowed: np.ndarray) -> int | None:
-        """The token that heads for the end of the document: deterministic, so a plan is followed exactly."""
-        for i in self.g.stop_ids:
+    def consume(self, token: int) -> bool:
+        if not self.matcher.consume_token(token):
+            return False
+        self.in_string, self.escaped = _lex(self.in_string, self.escaped, self.g.texts[token])
+        return True
+
+    def broken(self) -> str | None:
+        """The parser's error, if it has failed (for instance a grammar too complex to go on)."""
+        if self.matcher.is_error():
+            return (self.matcher.get_error() or "the parser failed").strip().splitlines()[0]
+        return None
+
+    def closing_move(self, allowed: np.ndarray) -> int | None:
+        """The next token on the shortest way out that this plan knows: deterministic, so it is followed
+        exactly once taken."""
+        g = self.g
+        for i in g.stop_ids:
             if allowed[i]:
                 return i
-        for group in (self.g.closers, self.g.short):
+        ff = self.matcher.compute_ff_tokens()  # forced text (a required key, an enum value): canonical tokens
+        if ff and 0 <= ff[0] < g.vocab_size and allowed[ff[0]]:
+            return int(ff[0])
+        groups = (g.quote,) if self.in_string else (g.brackets, g.short)
+        for group in groups:
             for i in group:
                 if allowed[i]:
                     return i
-        nz = np.flatnonzero(allowed)  # forced text (a required key, an enum value): any allowed token
+        nz = np.flatnonzero(allowed)
         return int(nz[0]) if len(nz) else None
 
-    def _steps_to_close(self) -> int:
-        """Tokens the closing strategy needs from here (a large number if it gets stuck)."""
-        m = self.matcher.deep_copy()
-        for n in range(_MAX_PLAN):
-            if m.is_accepting():
-                return n
-            tok = self._closing_move(self._allowed(m))
-            if tok is None or not m.consume_token(tok):
-                return _MAX_PLAN
-        return _MAX_PLAN
+    def plan(self) -> list[int] | None:
+        """The tokens that lead from here to a complete document, as few as this plan finds; None if it
+        cannot get there. The closing moves find the text; it is then spelled in the fewest tokens."""
+        s = self.copy()
+        moves: list[int] = []
+        while not s.matcher.is_accepting():
+            if len(moves) == _MAX_PLAN:
+                self.failure = None
+                return None
+            tok = s.closing_move(s.allowed())
+            if tok is None or not s.consume(tok):
+                self.failure = s.broken() or "no token can continue it"
+                return None
+            moves.append(tok)
+        spelled = self.g.spell("".join(self.g.texts[t] for t in moves)) if len(moves) > 1 else None
+        if spelled is not None and len(spelled) < len(moves):
+            check = self.copy()
+            if all(check.consume(t) for t in spelled) and check.matcher.is_accepting():
+                return spelled
+        return moves
+
+
+class JsonConstraint:
+    """Per-sequence grammar state, driven by the engine: ``mask`` before sampling, ``accept`` after it."""
+
+    def __init__(self, grammars: JsonGrammars, grammar: Grammar) -> None:
+        self.g = grammars
+        self.state = _State(grammars, grammars._llg.LLMatcher(grammars.lltok, grammar.text, log_level=0))
+        self.closing = False
+        self._remaining = 0
+        self._next_check: int | None = None  # remaining budget at which to plan again (None: at once)
+        self._verify = False  # check every sampled token against the plan
+        self._plan: list[int] | None = None  # the way out from the current state, when known
 
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
-        """Logits with every token that would break the grammar set to -inf."""
-        allowed = self._allowed(self.matcher)
-        if not self.closing and (self._next_check is None or remaining <= self._next_check):
-            need = self._steps_to_close() + 1  # +1 for the end-of-turn token
-            if need + 1 >= remaining:
-                self.closing = True
-            else:  # look again halfway to the point where closing must start
-                self._next_check = remaining - max(1, (remaining - need) // 2)
+        """Logits with every token that would break the grammar (or the budget) set to -inf."""
+        self._remaining = remaining
+        allowed = self.state.allowed()
+        if not self.closing and (self._verify or self._next_check is None or remaining <= self._next_check):
+            plan = self._plan if self._plan is not None else self.state.plan()
+            self._plan = None
+            need = _MAX_PLAN if plan is None else len(plan)
+            if need >= remaining - 1:  # one token is kept for the end of turn, when the budget has it
+                self.closing, self._plan = True, plan
+            else:
+                slack = remaining - need
+                self._verify = slack <= _WINDOW
+                self._next_check = remaining - max(1, (slack - _WINDOW) // 2)
         if self.closing:
-            tok = self._closing_move(allowed)
+            tok = self._next_move(allowed)
             if tok is not None:
                 out = torch.full_like(logits, float("-inf"))
                 out[tok] = 0.0
                 return out
-        if not allowed.any():  # the grammar is finished or broken: only end the turn
-            allowed = np.zeros_like(allowed)
-            allowed[self.g.stop_ids] = True
+        if not allowed.any():
+            raise StructuredOutputError("the JSON output cannot be completed: "
+                                        f"{self.state.broken() or 'no token can continue it'}")
         keep = torch.from_numpy(allowed.copy()).to(logits.device)
         if keep.shape[0] < logits.shape[0]:
             keep = torch.cat([keep, keep.new_zeros(logits.shape[0] - keep.shape[0])])
         return logits.masked_fill(~keep, float("-inf"))
 
-    def accept(self, token: int) -> None:
-        if token not in self.g.stop_ids:
-            self.matcher.consume_token(token)
+    @property
+    def complete(self) -> bool:
+        """The output so far is a whole document (so a sequence that ends here has finished, not been cut)."""
+        return bool(self.state.matcher.is_accepting())
+
+    def _next_move(self, allowed: np.ndarray) -> int | None:
+        """While closing: the plan's next token (an end-of-turn token once the document is complete)."""
+        if self._plan:
+            return self._plan[0]
+        return self.state.closing_move(allowed)
+
+    def accept(self, token: int) -> int:
+        """Take the sampled token; returns the token actually taken, which near the end of the budget is
+        the plan's move instead when the sampled one would leave too little room to finish."""
+        if token in self.g.stop_ids:  # allowed only once the document is complete
+            return token
+        if self._verify and not self.closing:
+            trial = self.state.copy()
+            plan = trial.plan() if trial.consume(token) else None
+            if plan is None or len(plan) > self._remaining - 2:
+                self.closing, self._plan = True, self.state.plan()
+                move = self._next_move(self.state.allowed())
+                token = token if move is None else move
+            else:
+                self.state, self._plan = trial, plan
+                return token
+        if self.closing and self._plan and self._plan[0] == token:
+            self._plan.pop(0)
+        if not self.state.consume(token):
+            raise StructuredOutputError("the JSON output cannot be completed: "
+                                        f"{self.state.broken() or f'token {token} does not continue it'}")
+        return token
