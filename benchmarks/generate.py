@@ -7,7 +7,7 @@ are what to read.
     python benchmarks/generate.py [--model smollm2-135m-instruct] [--prompt-tokens 512] [--decode-tokens 256]
 
 transformers runs twice: as its users get it, and with KMP_BLOCKTIME=0, the OpenMP setting lmforge
-applies to itself on import (without it, MKL's and OpenMP's thread pools spin against each other
+applies to itself when it loads a model (without it, MKL's and OpenMP's thread pools spin against each other
 between small ops on CPUs, which slows any PyTorch decode loop several times).
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from common import machine
 
-# lmforge is imported only where it runs: importing it sets KMP_BLOCKTIME, which must not leak into
+# lmforge runs only in its own process: loading a model sets KMP_BLOCKTIME, which must not leak into
 # the process that measures transformers as its users get it.
 
 

@@ -12,7 +12,7 @@ from tiny import make_tiny_bert_dir, make_tiny_llama_dir
 
 import lmforge
 from lmforge.cli import main
-from lmforge.train.classify import Classifier, metrics, read_labelled
+from lmforge.encoders.classify import Classifier, metrics, read_labelled
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +86,7 @@ def test_finetune_tiny_encoder_end_to_end(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_finetune_decoder_last_token(tmp_path: Path) -> None:
-    from lmforge.train.classify import ClassifyConfig, finetune_classifier
+    from lmforge.encoders.finetune import ClassifyConfig, finetune_classifier
 
     base = make_tiny_llama_dir(tmp_path / "llama")
     train = _write(tmp_path / "train.csv", _examples(32, 2))

@@ -35,7 +35,7 @@ PROBE = """
 import json, resource, sys
 import lmforge
 from lmforge.formats import load_checkpoint
-from lmforge.model.quant import PackedLinear
+from lmforge.quant import PackedLinear
 
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096

@@ -13,8 +13,9 @@ from numerics import assert_close_scaled
 from tiny import make_tiny_bert_dir, randomize
 
 import lmforge
+from lmforge.analysis import cosine_matrix, kmeans, pca_2d
 from lmforge.cli import main
-from lmforge.embeddings import Pooling, cosine_matrix, kmeans, pca_2d, read_pooling
+from lmforge.encoders.pooling import Pooling, read_pooling
 from lmforge.formats import load_checkpoint
 from lmforge.formats.export import save_hf
 

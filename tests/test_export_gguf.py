@@ -269,7 +269,7 @@ def test_gguf_source_keeps_its_pre_tokenizer_name(llama_dir: Path, tmp_path: Pat
 def test_pre_tokenizer_names() -> None:
     from tokenizers import Regex, pre_tokenizers
 
-    from lmforge.train.tokenizer import GPT4_SPLIT
+    from lmforge.tokenizer import GPT4_SPLIT
 
     tok = Tokenizer(train_tokenizer(), eos_token="<|im_end|>")
     assert gguf_write.tokenizer_metadata(tok, 384)["tokenizer.ggml.pre"] == "gpt-2"

@@ -271,14 +271,18 @@ def test_qlora_sft_lowers_loss(tiny_dir, tmp_path):
 def test_qlora_streams_nf4_and_holds_no_dense_block_matrices(tiny_dir, tmp_path, monkeypatch):
     from lmforge import formats
     from lmforge.finetune.lora import LoraLinear
-    from lmforge.finetune.qlora import QuantLinear
+    from lmforge.quant.nf4 import NF4Linear
 
     dense = formats.load_checkpoint(tiny_dir, device="cpu", dtype=torch.float32).model
     blocks = {n: tuple(p.shape) for n, p in dense.named_parameters() if n.startswith("layers.") and p.dim() == 2}
     dense_bytes = 4 * sum(math.prod(s) for s in blocks.values())
 
-    def dense_load(*a, **kw):  # the dense builder would hold every fp32 matrix at once
-        raise AssertionError("the QLoRA path built the dense model")
+    build_model = formats.build_model
+
+    def dense_load(*a, **kw):  # the dense builder (no stored format) would hold every fp32 matrix at once
+        if kw.get("store") is None:
+            raise AssertionError("the QLoRA path built the dense model")
+        return build_model(*a, **kw)
 
     monkeypatch.setattr(formats, "build_model", dense_load)
     run = FinetuneRun(tiny_dir, _sft_data(tmp_path), tmp_path / "q", _cfg(method="qlora", max_steps=2, samples=0),
@@ -287,7 +291,7 @@ def test_qlora_streams_nf4_and_holds_no_dense_block_matrices(tiny_dir, tmp_path,
     for name in linears:
         m = run.model.get_submodule(name)
         base = m.base if isinstance(m, LoraLinear) else m
-        assert isinstance(base, QuantLinear) and base.kind == "nf4", name
+        assert isinstance(base, NF4Linear), name
     tensors = dict(run.model.named_parameters()) | dict(run.model.named_buffers())
     frozen = {n: t for n, t in tensors.items() if n.startswith("layers.") and "lora_" not in n}
     # No floating-point matrix is left in the blocks: only uint8 codes, per-64 absmax scales and norms.

@@ -11,13 +11,14 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 from numerics import assert_close_scaled
 
-from lmforge.model import kernels
-from lmforge.model.kernels import MAX_ROWS, lib, packed_matmul
-from lmforge.model.quant import PackedLinear, from_gguf_blocks
+from lmforge.formats import kernel_dir
+from lmforge.quant import accelerate, kernels
+from lmforge.quant.kernels import MAX_ROWS, packed_matmul
+from lmforge.quant.packed import PackedLinear, from_gguf_blocks
 
 N, K = 96, 128
 
-needs_kernel = pytest.mark.skipif(lib() is None, reason="no C compiler or no AVX2 on this machine")
+needs_kernel = pytest.mark.skipif(kernels.load(kernel_dir()) is None, reason="no C compiler or no AVX2 on this machine")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_other_types_are_not_packed(weight: np.ndarray) -> None:
 @pytest.mark.parametrize("rows", [1, 3, MAX_ROWS])
 @pytest.mark.parametrize("act16", [False, True])
 def test_kernel_matches_dense(weight: np.ndarray, qtype: str, rows: int, act16: bool, monkeypatch) -> None:
-    monkeypatch.setattr(kernels, "ACT16", act16)
+    monkeypatch.setenv("LMFORGE_ACT16", "1" if act16 else "0")
     pw = from_gguf_blocks(quantize(weight, GGMLQuantizationType[qtype]), qtype, N, K)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     got = packed_matmul(x, pw)
@@ -71,7 +72,7 @@ def test_kernel_matches_dense(weight: np.ndarray, qtype: str, rows: int, act16: 
 def test_rows_do_not_depend_on_their_batch(qtype: str, k: int, monkeypatch) -> None:
     """With int16 activations a row's product is bit-identical alone and at any place in any batch, so a
     request decodes the same whether it is served alone or with others."""
-    monkeypatch.setattr(kernels, "ACT16", True)
+    monkeypatch.setenv("LMFORGE_ACT16", "1")
     w = np.random.default_rng(1).standard_normal((N, k)).astype(np.float32)
     pw = from_gguf_blocks(quantize(w, GGMLQuantizationType[qtype]), qtype, N, k)
     x = torch.randn(MAX_ROWS, k, generator=torch.Generator().manual_seed(5))
@@ -169,7 +170,7 @@ def _packed_tiny(qkv_bias: bool) -> torch.nn.Module:
             pw = from_gguf_blocks(quantize(old.weight.detach().numpy(), GGMLQuantizationType[qtype]), qtype, n, k)
             bias = old.bias.detach().clone() if old.bias is not None else None
             setattr(parent, attr, PackedLinear(pw.dequantize(), bias, pw))
-    return model.eval()
+    return accelerate(model.eval(), kernel_dir())
 
 
 @needs_kernel
@@ -179,7 +180,7 @@ def test_decode_stack_in_one_call_is_bit_identical(qkv_bias: bool, monkeypatch) 
     different positions in different slots; a weight changed in place sends decoding back to the
     per-operation path (whose codes are then stale and unused)."""
     from lmforge.engine import Engine, SamplingParams
-    from lmforge.model import fused
+    from lmforge.quant import fused
 
     model = _packed_tiny(qkv_bias)
     prompts = [[5, 9, 13], [7] * 11, [3, 1, 4, 1, 5, 9, 2]]

@@ -27,17 +27,11 @@ from lmforge.finetune.lora import (
     merge_lora,
     save_adapter,
 )
-from lmforge.finetune.qlora import (
-    NF4_LEVELS,
-    NF4_MAX_ERROR,
-    QuantLinear,
-    load_quantized,
-    nf4_dequantize,
-    nf4_quantize,
-)
+from lmforge.finetune.qlora import load_quantized
 from lmforge.formats import load_checkpoint
 from lmforge.model import ModelConfig, Transformer
-from lmforge.model.quant import PackedLinear
+from lmforge.quant import PackedLinear
+from lmforge.quant.nf4 import NF4_LEVELS, NF4_MAX_ERROR, NF4Linear, nf4_dequantize, nf4_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.tensor([[5, 17, 300, 42, 99, 7, 250, 3], [64, 128, 1, 277, 31, 260, 8, 200]])
@@ -188,7 +182,7 @@ def test_packed_base_merges_to_dense_and_keeps_codes_for_qlora(q4_gguf: Path, tm
     qmodel = load(q4_gguf, packed=True)
     apply_lora(qmodel, LoraConfig(quant="packed"))
     base = qmodel.get_submodule("layers.0.attn.qkv").base
-    assert isinstance(base, QuantLinear) and base.kind == "q4"
+    assert isinstance(base, PackedLinear) and base.weight is None and base.packed.kind == "q4"
     assert torch.equal(base.dequantize(), dense_w)
     assert not [n for n, p in qmodel.named_parameters() if n.startswith("layers.") and p.dim() == 2 and "lora_" not in n]
     assert_close_scaled(logits(qmodel), before, 1e-4)
@@ -226,7 +220,7 @@ def test_qlora_nf4_trains(base_dir: Path) -> None:
     dense = sum(p.numel() * 4 for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
     apply_lora(model, LoraConfig(r=8, alpha=16, quant="nf4"))
     bases = [m.base for _, m in lora_layers(model)]
-    assert all(isinstance(b, QuantLinear) and b.kind == "nf4" for b in bases)
+    assert all(isinstance(b, NF4Linear) for b in bases)
     stored = sum(b.codes.numel() + 4 * b.absmax.numel() for b in bases)
     assert stored < 0.15 * dense  # 4.5 bits per weight instead of 32
     # Backward through the dequantized matrix equals autograd through a dense copy of it.
@@ -251,7 +245,7 @@ def test_qlora_nf4_trains(base_dir: Path) -> None:
     model.eval()
     expect = logits(model)
     merge_lora(model)
-    assert not [m for m in model.modules() if isinstance(m, QuantLinear | LoraLinear)]
+    assert not [m for m in model.modules() if isinstance(m, NF4Linear | LoraLinear)]
     assert_close_scaled(logits(model), expect, 1e-5)
 
 

@@ -17,8 +17,9 @@ from tiny import make_tiny_llama_dir, randomize
 from lmforge.cli import main
 from lmforge.engine import Engine, SamplingParams
 from lmforge.errors import LMForgeError
-from lmforge.formats import load_checkpoint
-from lmforge.model import ModelConfig, kernels
+from lmforge.formats import kernel_dir, load_checkpoint
+from lmforge.model import ModelConfig
+from lmforge.quant import kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,10 +104,7 @@ def test_sliding_window_generation_matches_transformers(windowed, c_kernels: boo
     equals transformers' generate, on the C decode kernel and on the plain PyTorch path."""
     name, _, hf, ck, prompts = windowed
     if not c_kernels:
-        from lmforge.model import transformer
-
         monkeypatch.setattr(kernels, "fast_path", lambda x: False)
-        monkeypatch.setattr(transformer, "fast_path", lambda x: False)
     expected = _hf_greedy(hf, prompts)
     seqs = Engine(ck.model, tokenizer=None, max_batch=4).generate(
         [list(p) for p in prompts], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
@@ -150,7 +148,7 @@ def test_sliding_window_gguf_round_trip(windowed, tmp_path: Path) -> None:
         torch.testing.assert_close(back.model(ids), hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.skipif(kernels.lib() is None, reason="needs the C kernels (AVX2 and a C compiler)")
+@pytest.mark.skipif(kernels.load(kernel_dir()) is None, reason="needs the C kernels (AVX2 and a C compiler)")
 def test_attn_decode_rows_window_matches_sdpa() -> None:
     """The C decode attention with a window attends to exactly the last `window` positions of each slot."""
     g = torch.Generator().manual_seed(3)
@@ -167,14 +165,15 @@ def test_attn_decode_rows_window_matches_sdpa() -> None:
         torch.testing.assert_close(got[r, 0], want.reshape(-1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(kernels.lib() is None, reason="needs the C kernels (AVX2 and a C compiler)")
+@pytest.mark.skipif(kernels.load(kernel_dir()) is None, reason="needs the C kernels (AVX2 and a C compiler)")
 def test_fused_decode_stack_honours_the_window(monkeypatch) -> None:
     """The whole-stack C decode of a packed model slides its window exactly as the per-operation path."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    from lmforge.model import Transformer, fused
-    from lmforge.model.quant import PackedLinear, from_gguf_blocks
+    from lmforge.model import Transformer
+    from lmforge.quant import accelerate, fused
+    from lmforge.quant.packed import PackedLinear, from_gguf_blocks
 
     def packed(window: int) -> torch.nn.Module:
         cfg = ModelConfig(vocab_size=200, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, context_length=64,
@@ -190,7 +189,7 @@ def test_fused_decode_stack_honours_the_window(monkeypatch) -> None:
                 codes = quantize(old.weight.detach().numpy(), GGMLQuantizationType.Q8_0)
                 pw = from_gguf_blocks(codes, "Q8_0", n, k)
                 setattr(parent, attr, PackedLinear(pw.dequantize(), None, pw))
-        return model.eval()
+        return accelerate(model.eval(), kernel_dir())
 
     prompts = [[5, 9, 13], [7] * 11, [3, 1, 4, 1, 5, 9, 2]]
 

@@ -15,7 +15,8 @@ from lmforge.errors import LMForgeError
 from lmforge.formats import load_checkpoint
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.data import prepare
-from lmforge.train.pretrain import TrainConfig, Trainer, learning_rate
+from lmforge.train.loop import learning_rate
+from lmforge.train.pretrain import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

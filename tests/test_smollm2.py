@@ -204,7 +204,7 @@ def test_logits_match_transformers(our_logits, hf_logits) -> None:
 
 
 # One-token decode steps multiply with the file's packed codes. With fp32 activations they match the
-# reference as closely as prefill; with the default int16 activations (kernels.ACT16) logits move by up
+# reference as closely as prefill; with the default int16 activations (quant.kernels.act16) logits move by up
 # to ~1e-2 (see docs/benchmarks.md), and the predicted token must not change.
 DECODE_TOL = {False: LOGITS_TOL, True: 5e-4}
 
@@ -212,9 +212,7 @@ DECODE_TOL = {False: LOGITS_TOL, True: 5e-4}
 @pytest.mark.parametrize("act16", [False, True])
 def test_kv_cache_prefill_and_decode_match_transformers(lm, prompt_ids, hf_logits, act16, monkeypatch) -> None:
     """Prefill all but the last few tokens into a KV cache, then decode them one at a time."""
-    from lmforge.model import kernels
-
-    monkeypatch.setattr(kernels, "ACT16", act16)
+    monkeypatch.setenv("LMFORGE_ACT16", "1" if act16 else "0")
     n0 = PROMPT_LEN - DECODE_STEPS
     cache = KVCache(lm.config, 1, 128, "cpu", torch.float32)
     with torch.inference_mode():

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .embeddings import Pooling, embed, read_pooling
-from .engine import Engine, SamplingParams, Sequence
+from .encoders.pooling import Pooling, embed, embed_ids, pad_id, read_pooling
+from .engine import Engine, SamplingParams, Sequence, TokenLogprob
+from .engine.scoring import prompt_logprobs
 from .errors import LMForgeError
 from .formats import Checkpoint, load_checkpoint
 from .model import ModelConfig, Transformer
@@ -37,6 +38,15 @@ class LM:
             raise LMForgeError(f"{self.path}: the model has no tokenizer (tokenizer.json)")
         return self.checkpoint.tokenizer
 
+    def configure_engine(self, max_batch: int, max_len: int | None = None, kv_memory: int | None = None) -> Engine:
+        """Give the engine this shape (slots, context, KV cache bytes; see `Engine`) and return it. The server
+        drives it from then on, on its scheduler thread; `generate`, `stream` and `chat` use it too."""
+        if self.engine.has_work:
+            raise LMForgeError("the engine cannot be reconfigured while it is generating")
+        self.engine = Engine(self.model, self.checkpoint.tokenizer, max_batch=max_batch, max_len=max_len,
+                             kv_memory=kv_memory)
+        return self.engine
+
     @property
     def context_length(self) -> int:
         return self.engine.context
@@ -58,6 +68,24 @@ class LM:
         return embed(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts), self.pooling,
                      batch_size=batch_size, progress=progress)
 
+    def embed_ids(self, rows: list[list[int]]) -> np.ndarray:
+        """`embed` for token rows: float32 array [n, dim], pooled as the model is configured."""
+        return embed_ids(self.model, rows, pad_id(self.tokenizer), self.pooling)
+
+    def score(self, prompt: str | list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """The logprob of every prompt token given the ones before it (None for the first), with the `top`
+        most likely alternatives at each position."""
+        steps = self.score_steps(self._prompt_ids(prompt), top)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def score_steps(self, ids: list[int], top: int = 0) -> Generator[None, None, list[TokenLogprob | None]]:
+        """`score` a chunk of positions per step, for a scheduler that interleaves it with other work."""
+        return prompt_logprobs(self.model, ids, top)
+
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 
@@ -76,6 +104,11 @@ class LM:
         """Yield text deltas as they are generated."""
         return self.engine.stream(self._prompt_ids(prompt), SamplingParams(**params))
 
+    def start(self, prompt: str | list[int], params: SamplingParams | None = None) -> Generation:
+        """Queue one prompt (text or token ids) now, checked against the context; iterate the result for text
+        deltas, then read its finished `sequence` (text, finish reason, logprobs, error)."""
+        return Generation(self.engine, self.engine.add(self._prompt_ids(prompt), params))
+
     def chat_prompt(self, messages: str | Messages, tools: list[dict[str, Any]] | None = None) -> list[int]:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
@@ -88,6 +121,24 @@ class LM:
         if stream:
             return self.engine.stream(ids, SamplingParams(**params))
         return self.engine.generate([ids], SamplingParams(**params))[0].text
+
+
+class Generation:
+    """One prompt being generated: iterating yields its text deltas until it finishes; `close()` (or leaving
+    the iteration early) cancels it. A failure is not raised: it is `sequence.error`, with finish reason
+    "error", so that callers word it themselves."""
+
+    def __init__(self, engine: Engine, seq: Sequence) -> None:
+        self.sequence, self._engine = seq, engine
+        self._deltas = engine.run(seq)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._deltas
+
+    def close(self) -> None:
+        self._deltas.close()
+        if not self.sequence.done:  # never iterated: the generator had no frame to clean up in
+            self._engine.cancel(self.sequence)
 
 
 def load(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,

@@ -41,14 +41,17 @@ def _answer(lm: LM, messages: list[dict[str, Any]], params: SamplingParams) -> s
     if dropped:
         print(f"[context full: dropped the {dropped} oldest message(s)]", file=sys.stderr)
     parts: list[str] = []
-    stream = lm.engine.stream(ids, params)
+    generation = lm.start(ids, params)
     try:
-        for delta in stream:
+        for delta in generation:
             parts.append(delta)
             print(delta, end="", flush=True)
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
-        stream.close()
+        generation.close()
         print(" [interrupted]", end="")
+    else:
+        if generation.sequence.error is not None:
+            raise generation.sequence.error
     print(flush=True)
     return "".join(parts)
 

@@ -13,20 +13,25 @@ from .errors import LMForgeError
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    from .engine.sampling import DEFAULT_TEMPERATURE
+    from .engine import SamplingParams
 
+    d = SamplingParams()  # the defaults, defined once
     g = p.add_argument_group("sampling (OpenAI parameter names)")
-    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    g.add_argument("--min-tokens", type=int, default=0,
-                   help="tokens generated before end-of-turn or a stop string may end the output (default 0)")
-    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help=f"0 is greedy (default {DEFAULT_TEMPERATURE:g}, as in the OpenAI API)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="multiplicative penalty (1.0 = off)")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="additive penalty on used tokens")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="additive penalty per use")
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help=f"most tokens to generate (default {d.max_tokens})")
+    g.add_argument("--min-tokens", type=int, default=d.min_tokens,
+                   help=f"tokens generated before end-of-turn or a stop string may end the output "
+                        f"(default {d.min_tokens})")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"0 is greedy (default {d.temperature:g}, as in the OpenAI API)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass (default {d.top_p})")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens; 0 disables (default)")
+    g.add_argument("--min-p", type=float, default=d.min_p, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="multiplicative penalty (1.0 = off)")
+    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                   help="additive penalty on used tokens")
+    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="additive penalty per use")
     g.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
                    help="add BIAS to a token's logit (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -138,11 +143,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     lm = _load(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    seq = lm.engine.add(lm.tokenizer.encode(prompt), params)
-    while not seq.done:
-        for s, delta in lm.engine.step():
-            if s is seq and args.stream:
-                print(delta, end="", flush=True)
+    generation = lm.start(prompt, params)
+    for delta in generation:
+        if args.stream:
+            print(delta, end="", flush=True)
+    seq = generation.sequence
     if seq.error is not None:
         raise LMForgeError(f"generation failed: {seq.error}")
     print() if args.stream else print(seq.text)
@@ -211,7 +216,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .embeddings import kmeans, plot_embeddings
+    from .analysis import kmeans, plot_embeddings
     from .fsutil import atomic_file
 
     texts = _texts(args)
@@ -236,7 +241,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    from .embeddings import cosine_matrix
+    from .analysis import cosine_matrix
 
     texts = _texts(args)
     if len(texts) < 2:
@@ -248,67 +253,6 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     print("\t".join(["", *(str(i + 1) for i in range(len(texts)))]))
     for i, t in enumerate(texts):
         print("\t".join([str(i + 1), *(f"{x:.4f}" for x in sim[i])]) + f"\t{t[:60]}")
-    return 0
-
-
-def cmd_finetune_classify(args: argparse.Namespace) -> int:
-    from .train.classify import ClassifyConfig, finetune_classifier
-
-    cfg = ClassifyConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                         max_train=args.max_train, max_eval=args.max_eval, seed=args.seed, pooling=args.pooling)
-    report = finetune_classifier(args.model, args.train, args.eval, args.out, text_field=args.text_field,
-                                 label_field=args.label_field, cfg=cfg, device=args.device,
-                                 log=lambda s: print(s, file=sys.stderr), progress=sys.stderr.isatty())
-    print(f"trained on {report['examples']} examples in {report['steps']} steps, {report['train_seconds']} s")
-    if "eval" in report:
-        e = report["eval"]
-        f1 = f", F1 {e['f1']:.4f}" if "f1" in e else ""
-        print(f"eval: accuracy {e['accuracy']:.4f}{f1}, macro-F1 {e['f1_macro']:.4f} on {e['examples']} examples")
-    print(f"wrote {args.out} (total {report['seconds']} s)")
-    return 0
-
-
-def cmd_classify(args: argparse.Namespace) -> int:
-    from .train.classify import Classifier
-
-    texts = _texts(args)
-    clf = Classifier(args.model, device=args.device)
-    for t, p in zip(texts, clf.probabilities(texts)):
-        best = int(p.argmax())
-        print(f"{clf.labels[best]}\t{p[best]:.4f}\t{t}")
-    return 0
-
-
-def cmd_index_build(args: argparse.Namespace) -> int:
-    from .retrieval import build_index
-
-    info = build_index(args.docs, args.out, embed_model=args.embed_model, chunk_words=args.chunk_words,
-                       overlap_words=args.overlap, device=args.device, progress=sys.stderr.isatty())
-    print(f"indexed {info['chunks']} chunks from {info['files']} files with {info['embed_model']} -> {args.out}")
-    return 0
-
-
-def cmd_index_search(args: argparse.Namespace) -> int:
-    from .retrieval import Index
-
-    index = Index.load(args.index, embed_model=args.embed_model, device=args.device)
-    for rank, hit in enumerate(index.search(args.query, k=args.k), 1):
-        text = " ".join(hit.text.split())
-        print(f"{rank}. {hit.score:.4f}  {hit.source}:{hit.line}\n   {text[:300]}")
-    return 0
-
-
-def cmd_ask(args: argparse.Namespace) -> int:
-    from .api import load
-    from .retrieval import Index, answer
-
-    index = Index.load(args.index, embed_model=args.embed_model, device=args.device)
-    lm = load(args.model, device=args.device, progress=sys.stderr.isatty())
-    result = answer(lm, index, args.question, k=args.k, params=_sampling(args))
-    print(result.text.strip())
-    print("\nSources:")
-    for i, src in enumerate(result.sources, 1):
-        print(f"[{i}] {src}")
     return 0
 
 
@@ -464,64 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     p.set_defaults(func=cmd_similarity)
 
-    p = sub.add_parser("classify", help="predict labels with a `lmforge finetune classify` model")
-    _add_model_opts(p)
-    add_texts(p)
-    p.set_defaults(func=cmd_classify)
+    from .encoders.commands import add_classify_parser, add_finetune_parser
+
+    add_classify_parser(sub, _add_model_opts, add_texts, _texts)
 
     p = sub.add_parser("finetune", help="fine-tune a model for a task")
     fsub = p.add_subparsers(dest="finetune_command", metavar="COMMAND", required=True)
-    f = fsub.add_parser("classify", help="text classification (CSV, TSV or JSONL with text and label columns)")
-    _add_model_opts(f)
-    f.add_argument("--train", required=True, metavar="FILE", help="training examples (.csv, .tsv, .jsonl)")
-    f.add_argument("--eval", default=None, metavar="FILE", help="evaluation examples: accuracy and F1")
-    f.add_argument("--text-field", default="text", help="column/field with the text (default text)")
-    f.add_argument("--label-field", default="label", help="column/field with the label (default label)")
-    f.add_argument("--out", required=True, metavar="DIR", help="output model directory (replaced atomically)")
-    f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
-    f.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    f.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
-    f.add_argument("--max-train", type=int, default=None, metavar="N", help="train on a random N-example subset")
-    f.add_argument("--max-eval", type=int, default=None, metavar="N", help="evaluate on a random N-example subset")
-    f.add_argument("--pooling", default=None, choices=("mean", "cls", "max", "last", "mean_sqrt_len", "pooler"),
-                   help="how the head sees the text (default: the encoder's pooling; last token for decoders)")
-    f.add_argument("--seed", type=int, default=0, help="seed for shuffling, subsets and the head (default 0)")
-    f.set_defaults(func=cmd_finetune_classify)
+    add_finetune_parser(fsub, _add_model_opts)
     from .finetune.commands import add_parsers as add_finetune_parsers
 
     add_finetune_parsers(fsub)
 
-    p = sub.add_parser("index", help="semantic search indexes over a folder of documents")
-    isub = p.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
-    i = isub.add_parser("build", help="chunk and embed a documents folder into an on-disk index")
-    i.add_argument("docs", metavar="DOCS_DIR", help="folder (or files) of text documents")
-    i.add_argument("--out", required=True, metavar="INDEX", help="index directory (replaced atomically)")
-    i.add_argument("--embed-model", default="all-minilm-l6-v2", help="embedding model (default all-minilm-l6-v2)")
-    i.add_argument("--chunk-words", type=int, default=120, help="words per chunk (default 120)")
-    i.add_argument("--overlap", type=int, default=30, help="words shared by neighbouring chunks (default 30)")
-    i.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    i.set_defaults(func=cmd_index_build)
-    i = isub.add_parser("search", help="top-k chunks for a query, with scores and sources")
-    i.add_argument("index", metavar="INDEX", help="a `lmforge index build` directory")
-    i.add_argument("query")
-    i.add_argument("-k", type=int, default=5, help="how many chunks (default 5)")
-    i.add_argument("--embed-model", default=None, help="must match the index's model (default: the index's)")
-    i.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    i.set_defaults(func=cmd_index_search)
+    from .retrieval.commands import add_parsers as add_retrieval_parsers
 
-    p = sub.add_parser("ask", help="answer a question from an index with a chat model, citing sources "
-                                   "(greedy unless --temperature is given)")
-    p.add_argument("index", metavar="INDEX", help="a `lmforge index build` directory")
-    p.add_argument("question")
-    from .registry import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"chat model (default {DEFAULT_MODEL})")
-    p.add_argument("-k", type=int, default=3, help="chunks given to the model (default 3)")
-    p.add_argument("--embed-model", default=None, help="must match the index's model (default: the index's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    _add_sampling(p)
-    p.set_defaults(func=cmd_ask, temperature=0.0)
+    add_retrieval_parsers(sub, _add_sampling, _sampling)
 
     p = sub.add_parser("eval", help="benchmark a model (multiple choice, generative, perplexity); "
                                     "`eval compare RUN_A RUN_B` diffs two runs")

@@ -1,4 +1,4 @@
-"""Inference: KV cache, sampling and the batched generation engine."""
+"""Inference: KV cache, sampling (parameters, defaults, the sampler), the batched generation engine, prompt scoring."""
 
 from .engine import Engine, Sequence
 from .kv_cache import KVCache

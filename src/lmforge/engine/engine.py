@@ -110,7 +110,15 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add(self, prompt_ids: Seq[int], params: SamplingParams | None = None) -> Sequence:
+        """Check a prompt and its parameters against this engine, then queue it (`enqueue`); max_tokens is
+        clamped to the room the context leaves beside the prompt."""
         params = params or SamplingParams()
+        prompt_ids = self.check(prompt_ids, params)
+        return self.enqueue(prompt_ids, params, min(params.max_tokens, self.context - len(prompt_ids)))
+
+    def check(self, prompt_ids: Seq[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, once it and the parameters are known to fit this engine; raises
+        LMForgeError naming what does not."""
         if not self.cfg.causal:
             raise LMForgeError("this is an encoder (bidirectional) model: it embeds and classifies text but cannot "
                                "generate; use `lmforge embed` or `lmforge classify`")
@@ -127,13 +135,18 @@ class Engine:
         bad = [i for i in (params.logit_bias or {}) if not 0 <= i < self.cfg.vocab_size]
         if bad:
             raise LMForgeError(f"logit_bias token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
+        if params.stop and self.tok is None:
+            raise LMForgeError("stop strings need a tokenizer")
+        return prompt_ids
+
+    def enqueue(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None = None) -> Sequence:
+        """Queue a prompt that its caller has checked (`check`, or the server's own checks at its edge): it
+        fits the context with ``max_tokens`` (default ``params.max_tokens``) beside it."""
         stop_ids = set(params.stop_token_ids)
         if self.tok is not None and not params.ignore_eos:
             stop_ids.update(self.tok.stop_token_ids)
-        if params.stop and self.tok is None:
-            raise LMForgeError("stop strings need a tokenizer")
         seq = Sequence(
-            prompt_ids=prompt_ids, params=params, max_tokens=min(params.max_tokens, self.context - n),
+            prompt_ids=prompt_ids, params=params, max_tokens=params.max_tokens if max_tokens is None else max_tokens,
             sampler=SamplerState(params, prompt_ids, self.cfg.vocab_size, self.device),
             decoder=self.tok.decoder(prompt_ids) if self.tok is not None else None,
             stop_ids=frozenset(stop_ids),
@@ -419,16 +432,21 @@ class Engine:
             raise failed.error
         return seqs
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas for one prompt as they are produced."""
-        seq = self.add(prompt_ids, params)
+    def run(self, seq: Sequence) -> Iterator[str]:
+        """Step until `seq` finishes (every other queued sequence advances too), yielding its text deltas;
+        abandoning the iteration cancels it. A failed sequence ends with its `error` set, not raised."""
         try:
             while not seq.done:
                 for s, delta in self.step():
                     if s is seq and delta:
                         yield delta
-            if seq.error is not None:
-                raise seq.error
         finally:
             if not seq.done:
                 self.cancel(seq)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas for one prompt as they are produced."""
+        seq = self.add(prompt_ids, params)
+        yield from self.run(seq)
+        if seq.error is not None:
+            raise seq.error

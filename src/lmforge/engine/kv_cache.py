@@ -12,6 +12,7 @@ import torch
 
 from ..errors import LMForgeError
 from ..model.config import ModelConfig
+from ..quant import DecodeKVStore
 
 # The KV cache budget when none is given. It holds thousands of tokens of a small model (11,650 of
 # SmolLM2-135M in fp32, more than its full 8,192-token context) while staying well inside a laptop's
@@ -30,7 +31,10 @@ def default_kv_memory(cfg: ModelConfig, context: int, dtype: torch.dtype) -> int
     return max(DEFAULT_KV_MEMORY, context * kv_bytes_per_token(cfg, dtype))
 
 
-class KVCache:
+class KVCache(DecodeKVStore):
+    """The model's KV store (`model.blocks.KVStore`), which the C decode attention also writes into in place
+    (`quant.DecodeKVStore`)."""
+
     def __init__(
         self,
         cfg: ModelConfig,

@@ -61,26 +61,25 @@ def _common(f: argparse.ArgumentParser, data_help: str) -> None:
     f.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from .sft import FinetuneConfig
-
+def _config(args: argparse.Namespace, cls: Any) -> Any:
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     if args.lora_targets is not None and not targets:
         raise LMForgeError("--lora-targets is empty")
-    return FinetuneConfig(
+    own = {"beta": args.beta} if hasattr(args, "beta") else {}  # the settings of one kind of run
+    return cls.config_type(
         method=args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=targets, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup_fraction=args.warmup, weight_decay=args.weight_decay,
         max_length=args.max_length, overlong=args.overlong, format=getattr(args, "format", "auto"),
         val_fraction=args.val_fraction, eval_every=args.eval_every, save_every=args.save_every,
-        samples=args.samples, seed=args.seed, device=args.device, beta=getattr(args, "beta", 0.1))
+        samples=args.samples, seed=args.seed, device=args.device, **own)
 
 
 def _run(cls: Any, args: argparse.Namespace) -> int:
     def log(s: str) -> None:
         print(s, file=sys.stderr)
 
-    run = cls(args.model, args.data, args.out, _config(args), resume=args.resume, log=log,
+    run = cls(args.model, args.data, args.out, _config(args, cls), resume=args.resume, log=log,
               progress=sys.stderr.isatty())
     log(f"{run.kind}: {len(run.train_set)} training and {len(run.val_set)} validation examples, "
         f"{run.total_steps} steps at lr {run.lr:g} ({run.cfg.method})")

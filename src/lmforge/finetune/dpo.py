@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from torch import nn
 
 from ..errors import LMForgeError
 from ..model import Transformer
-from .data import IGNORE, Messages, PairExample, build_pairs, encode_conversation, split_val
+from ..train.loop import autocast
+from .data import IGNORE, Messages, PairExample, build_pairs, encode_conversation, sorted_batches, split_val
 from .sft import FinetuneConfig, FinetuneRun, pad_rows
 
 REWARD_CONFIG = "reward.json"
@@ -61,15 +63,83 @@ def _pair_rows(batch: Sequence[PairExample], pad: int, device: torch.device
     return ids, labels, torch.tensor([len(e) for e in exs], device=device)
 
 
-class DPORun(FinetuneRun):
-    kind = "dpo"
-    default_lr = {"full": 5e-6, "lora": 5e-5, "qlora": 5e-5}
+def _logits(model: nn.Module, ids: torch.Tensor, device: torch.device, bf16: bool) -> torch.Tensor:
+    with autocast(device, bf16):
+        return model(ids)
+
+
+class PairRun(FinetuneRun):
+    """A fine-tuning run on preference pairs (DPO, reward models)."""
 
     def prepare_data(self, data: str | Path) -> None:
         pairs, self.stats = build_pairs(self.tokenizer, data, self.max_length, self.cfg.overlong)
         self.log(f"{data}: {self.stats.summary()}")
         self.train_set, self.val_set = split_val(pairs, self.cfg.val_fraction, self.cfg.seed)
-        self.lengths = [max(len(p.chosen), len(p.rejected)) for p in self.train_set]
+        self.lengths = [self.example_length(p) for p in self.train_set]
+
+    @staticmethod
+    def example_length(item: PairExample) -> int:
+        return max(len(item.chosen), len(item.rejected))
+
+    @staticmethod
+    def prompt_of(item: PairExample) -> Messages:
+        return item.chosen.prompt
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    beta: float = 0.1  # the KL temperature: how far the policy may move from the reference
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise LMForgeError(f"beta must be positive, got {self.beta}")
+
+
+class DPOLoss:
+    """The DPO objective against reference log-probabilities stored on each pair; evaluated as the mean
+    validation loss, reward accuracy and margin."""
+
+    def __init__(self, beta: float, pad: int, device: torch.device, bf16: bool,
+                 val_batches: list[list[PairExample]]) -> None:
+        self.beta, self.pad, self.device, self.bf16, self.val_batches = beta, pad, device, bf16, val_batches
+
+    def policy_logps(self, model: nn.Module, batch: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, labels, _ = _pair_rows(batch, self.pad, self.device)
+        logps = sequence_logps(_logits(model, ids, self.device, self.bf16), labels)
+        return logps[:len(batch)], logps[len(batch):]
+
+    def references(self, batch: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        rc = torch.tensor([p.ref_chosen for p in batch], device=self.device)
+        rr = torch.tensor([p.ref_rejected for p in batch], device=self.device)
+        return rc, rr
+
+    def loss(self, model: nn.Module, batch: list[PairExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        pc, pr = self.policy_logps(model, batch)
+        return dpo_loss(pc, pr, *self.references(batch), self.beta)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.val_batches:
+            return {}
+        n, sums = 0, {"val_loss": 0.0, "val_reward_accuracy": 0.0, "val_reward_margin": 0.0}
+        for batch in self.val_batches:
+            loss, st = self.loss(model, batch)
+            k = len(batch)
+            sums["val_loss"] += float(loss) * k
+            sums["val_reward_accuracy"] += st["reward_accuracy"] * k
+            sums["val_reward_margin"] += st["reward_margin"] * k
+            n += k
+        return {key: v / n for key, v in sums.items()}
+
+
+class DPORun(PairRun):
+    kind = "dpo"
+    default_lr = {"full": 5e-6, "lora": 5e-5, "qlora": 5e-5}
+    config_type = DPOConfig
+    cfg: DPOConfig
+
+    def make_objective(self, val_batches: list[list[Any]]) -> DPOLoss:
+        return DPOLoss(self.cfg.beta, self.pad, self.device, self.bf16, val_batches)
 
     def reference(self) -> Any:
         """The reference model's context: the base under disabled adapters, or the untouched starting model."""
@@ -84,50 +154,16 @@ class DPORun(FinetuneRun):
         return contextlib.nullcontext()
 
     def policy_logps(self, batch: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, labels, _ = _pair_rows(batch, self.pad, self.device)
-        with self.autocast():
-            logits = self.model(ids)
-        logps = sequence_logps(logits, labels)
-        return logps[:len(batch)], logps[len(batch):]
+        return self.objective.policy_logps(self.model, batch)
 
     @torch.no_grad()
     def setup(self) -> None:
         # Runs on the freshly loaded model (before any resume), so these are the starting model's values.
         with self.eval_mode(), self.reference():
-            for batch in self._all_batches():
+            for batch in sorted_batches(self.train_set + self.val_set, self.example_length, self.cfg.batch_size):
                 pc, pr = self.policy_logps(batch)
                 for p, c, r in zip(batch, pc.tolist(), pr.tolist()):
                     p.ref_chosen, p.ref_rejected = c, r
-
-    def _all_batches(self) -> list[list[PairExample]]:
-        items = sorted(self.train_set + self.val_set, key=self._length)
-        bs = self.cfg.batch_size
-        return [items[s:s + bs] for s in range(0, len(items), bs)]
-
-    def _refs(self, batch: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
-        rc = torch.tensor([p.ref_chosen for p in batch], device=self.device)
-        rr = torch.tensor([p.ref_rejected for p in batch], device=self.device)
-        return rc, rr
-
-    def batch_loss(self, batch: list[PairExample]) -> tuple[torch.Tensor, dict[str, float]]:
-        pc, pr = self.policy_logps(batch)
-        return dpo_loss(pc, pr, *self._refs(batch), self.cfg.beta)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        if not self.val_set:
-            return {}
-        n, sums = 0, {"val_loss": 0.0, "val_reward_accuracy": 0.0, "val_reward_margin": 0.0}
-        with self.eval_mode():
-            for batch in self.val_batches():
-                pc, pr = self.policy_logps(batch)
-                loss, st = dpo_loss(pc, pr, *self._refs(batch), self.cfg.beta)
-                k = len(batch)
-                sums["val_loss"] += float(loss) * k
-                sums["val_reward_accuracy"] += st["reward_accuracy"] * k
-                sums["val_reward_margin"] += st["reward_margin"] * k
-                n += k
-        return {key: v / n for key, v in sums.items()}
 
 
 # -- reward model --------------------------------------------------------------------------------------
@@ -185,7 +221,34 @@ def score(model: str | Path | tuple[RewardModel, Any, dict[str, Any]],
     return out
 
 
-class RewardRun(DPORun):
+class PairwiseRewardLoss:
+    """A reward model's objective: -log σ(r_chosen - r_rejected); evaluated as the validation loss,
+    accuracy (the chosen reply scored higher) and mean margin."""
+
+    def __init__(self, pad: int, device: torch.device, bf16: bool, val_batches: list[list[PairExample]]) -> None:
+        self.pad, self.device, self.bf16, self.val_batches = pad, device, bf16, val_batches
+
+    def rewards(self, model: nn.Module, batch: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, _, lengths = _pair_rows(batch, self.pad, self.device)
+        with autocast(self.device, self.bf16):
+            r = model(ids, lengths)
+        return r[:len(batch)], r[len(batch):]
+
+    def loss(self, model: nn.Module, batch: list[PairExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        rc, rr = self.rewards(model, batch)
+        d = rc - rr
+        dd = d.detach()
+        return -F.logsigmoid(d).mean(), {"accuracy": float((dd > 0).float().mean()), "margin": float(dd.mean())}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.val_batches:
+            return {}
+        d = torch.cat([rc - rr for rc, rr in (self.rewards(model, batch) for batch in self.val_batches)])
+        return {"val_loss": float(-F.logsigmoid(d).mean()), "val_accuracy": float((d > 0).float().mean()),
+                "val_margin": float(d.mean())}
+
+
+class RewardRun(PairRun):
     kind = "reward"
     default_lr = {"full": 1e-5, "lora": 1e-4, "qlora": 1e-4}
 
@@ -193,33 +256,8 @@ class RewardRun(DPORun):
         self.reward = RewardModel(self.model)
         return self.reward
 
-    def setup(self) -> None:  # no reference model
-        pass
-
-    def rewards(self, batch: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, _, lengths = _pair_rows(batch, self.pad, self.device)
-        with self.autocast():
-            r = self.reward(ids, lengths)
-        return r[:len(batch)], r[len(batch):]
-
-    def batch_loss(self, batch: list[PairExample]) -> tuple[torch.Tensor, dict[str, float]]:
-        rc, rr = self.rewards(batch)
-        d = rc - rr
-        dd = d.detach()
-        return -F.logsigmoid(d).mean(), {"accuracy": float((dd > 0).float().mean()), "margin": float(dd.mean())}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        if not self.val_set:
-            return {}
-        diffs = []
-        with self.eval_mode():
-            for batch in self.val_batches():
-                rc, rr = self.rewards(batch)
-                diffs.append(rc - rr)
-        d = torch.cat(diffs)
-        return {"val_loss": float(-F.logsigmoid(d).mean()), "val_accuracy": float((d > 0).float().mean()),
-                "val_margin": float(d.mean())}
+    def make_objective(self, val_batches: list[list[Any]]) -> PairwiseRewardLoss:
+        return PairwiseRewardLoss(self.pad, self.device, self.bf16, val_batches)
 
     def sample(self) -> list[dict[str, str]]:
         return []

@@ -27,21 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LMForgeError
+from ..formats.hf_names import HF_TARGETS, base_prefix, hf_names
 from ..fsutil import atomic_dir, read_json
-from .qlora import QuantLinear, packed_codes, quantize_model
+from ..quant.nf4 import NF4Linear
+from .qlora import is_stored, packed_codes, quantize_model
 
 QUANTS = (None, "nf4", "packed")
 PREFIX = "base_model.model."  # PEFT's prefix for the wrapped model's tensors
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-
-# HF / PEFT target names -> the fused layer of ours that holds them (module-name suffixes).
-HF_TARGETS: dict[str, tuple[str, ...]] = {
-    "q_proj": ("attn.qkv",), "k_proj": ("attn.qkv",), "v_proj": ("attn.qkv",), "o_proj": ("attn.o",),
-    "gate_proj": ("mlp.gate_up",), "up_proj": ("mlp.gate_up",), "down_proj": ("mlp.down",),
-    "c_attn": ("attn.qkv",), "c_fc": ("mlp.fc",), "attn.c_proj": ("attn.o",), "mlp.c_proj": ("mlp.down",),
-    "c_proj": ("attn.o", "mlp.down"),
-}
-
 
 @dataclass
 class LoraConfig:
@@ -66,7 +59,7 @@ class LoraConfig:
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear layer (nn.Linear, PackedLinear or QuantLinear) plus a trainable low-rank update."""
+    """A frozen linear layer (nn.Linear, PackedLinear or NF4Linear) plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -100,13 +93,13 @@ class LoraLinear(nn.Module):
 
 
 def _device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
-    if isinstance(base, QuantLinear):
-        return base.codes.device, base.dtype
+    if is_stored(base):
+        return base.device, base.dtype
     return base.weight.device, base.weight.dtype
 
 
 def _wrappable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear | QuantLinear)
+    return isinstance(m, nn.Linear | NF4Linear)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -178,7 +171,7 @@ def _dense(base: nn.Module) -> nn.Linear:
     device, dtype = _device_dtype(base)
     with torch.device("meta"):
         out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-    w = base.dequantize() if isinstance(base, QuantLinear) else base.weight.detach()
+    w = base.dequantize() if is_stored(base) else base.weight.detach()
     out.weight = nn.Parameter(w.to(device, dtype), requires_grad=False)
     if base.bias is not None:
         out.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
@@ -195,7 +188,7 @@ def merge_lora(model: nn.Module) -> None:
         dense = _dense(m.base)
         dense.weight += m.delta_weight().to(dense.weight.dtype)
         _set(model, name, dense)
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+    for name, m in [(n, m) for n, m in model.named_modules() if is_stored(m)]:
         _set(model, name, _dense(m))
     if hasattr(model, "lora_config"):
         del model.lora_config
@@ -214,22 +207,12 @@ def _peft_layout(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
             out[name] = [(name, 0, m.out_features)]
     if cfg is None or cfg.family not in ("llama", "qwen2", "gpt2"):
         return out
-    for i in range(cfg.n_layers):
-        o = f"layers.{i}."
-        if cfg.family == "gpt2":
-            p = f"transformer.h.{i}."
-            parts = {"attn.qkv": [("attn.c_attn", 0, cfg.q_dim + 2 * cfg.kv_dim)], "attn.o": [("attn.c_proj", 0, cfg.dim)],
-                     "mlp.fc": [("mlp.c_fc", 0, cfg.ffn_dim)], "mlp.down": [("mlp.c_proj", 0, cfg.dim)]}
-        else:
-            p, q, kv, f = f"model.layers.{i}.", cfg.q_dim, cfg.kv_dim, cfg.ffn_dim
-            parts = {"attn.qkv": [("self_attn.q_proj", 0, q), ("self_attn.k_proj", q, q + kv),
-                                  ("self_attn.v_proj", q + kv, q + 2 * kv)],
-                     "attn.o": [("self_attn.o_proj", 0, cfg.dim)],
-                     "mlp.gate_up": [("mlp.gate_proj", 0, f), ("mlp.up_proj", f, 2 * f)],
-                     "mlp.down": [("mlp.down_proj", 0, cfg.dim)]}
-        for ours, theirs in parts.items():
-            if o + ours in out:
-                out[o + ours] = [(p + n, a, b) for n, a, b in theirs]
+    prefix = base_prefix(cfg)
+    for entry in hf_names(cfg):
+        ours = entry.ours.removesuffix(".weight")
+        if entry.ours.endswith(".weight") and ours in out:
+            out[ours] = [((prefix if entry.base else "") + n.removesuffix(".weight"), a, b)
+                         for n, a, b in entry.spans(out[ours][0][2])]
     return out
 
 

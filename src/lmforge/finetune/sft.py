@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (instruction tuning), and the training loop DPO and reward models share.
+"""Supervised fine-tuning (instruction tuning), and the run every fine-tuning objective shares.
 
 A run directory holds ``step_*`` checkpoints, ``metrics.jsonl`` and, at the end, ``final/``. With
 ``--method full`` every checkpoint (and ``final``) is an HF model directory that every lmforge command
@@ -6,6 +6,10 @@ loads; with ``lora``/``qlora`` it is an adapter directory (``adapter_model.safet
 ``adapter_config.json``) for the base model. Beside the weights, ``trainer.pt`` holds the optimizer,
 the step and the RNG state, so ``--resume`` continues exactly where the run stopped (the data order is
 a function of the seed and the epoch). Ctrl-C (SIGINT/SIGTERM) saves a checkpoint before stopping.
+
+`FinetuneRun` loads the model (full, LoRA or QLoRA) and plugs an objective and its examples into the
+shared training loop (`lmforge.train.loop`); SFT's objective is `SFTLoss`, DPO's and reward models'
+live in `finetune.dpo`.
 
 Under torchrun every process holds the whole model and trains on its own micro-batches of each step
 (data parallel): gradients are averaged over the processes before every optimizer step, so N processes
@@ -15,39 +19,33 @@ rank 0 logs, samples and writes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import parse_device
 from ..errors import LMForgeError
-from ..formats import load_checkpoint, parse_device
-from ..fsutil import atomic_dir, atomic_file
-from ..train.pretrain import (
-    TRAINER_STATE,
-    TrainConfig,
-    _on_signals,
-    _restore_signals,
-    barrier,
-    clean_run_dir,
-    latest_checkpoint,
-    learning_rate,
-    make_optimizer,
-    mean_over_ranks,
-    prune_checkpoints,
-    setup_distributed,
+from ..formats import load_checkpoint
+from ..fsutil import atomic_dir, read_json
+from ..train.distributed import barrier, setup_distributed
+from ..train.loop import OptimConfig, TrainLoop, autocast, make_optimizer, use_bf16
+from .data import (
+    IGNORE,
+    Example,
+    ExampleStream,
+    build_sft_examples,
+    load_conversations,
+    sorted_batches,
+    split_val,
 )
-from .data import IGNORE, Example, build_sft_examples, iter_batches, load_conversations, split_val
 
 RUN_CONFIG = "finetune_config.json"
 METHODS = ("full", "lora", "qlora")
@@ -83,7 +81,6 @@ class FinetuneConfig:
     seed: int = 0
     device: str | None = None
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
-    beta: float = 0.1  # DPO
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -107,11 +104,16 @@ class FinetuneConfig:
             raise LMForgeError("lora_dropout must be in [0, 1) and lora_alpha positive")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LMForgeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.beta <= 0:
-            raise LMForgeError(f"beta must be positive, got {self.beta}")
         for name in ("samples", "sample_tokens"):
             if int(getattr(self, name)) < 0:
                 raise LMForgeError(f"{name} must be zero or positive, got {getattr(self, name)}")
+
+    def optim(self, lr: float, steps: int) -> OptimConfig:
+        """Warmup over `warmup_fraction` of the steps, then cosine decay to lr * `min_lr_fraction`."""
+        return OptimConfig(lr=lr, max_iters=steps, min_lr=lr * self.min_lr_fraction,
+                           warmup_iters=int(self.warmup_fraction * steps), weight_decay=self.weight_decay,
+                           betas=(0.9, 0.999), grad_clip=self.grad_clip, grad_accum=self.grad_accum,
+                           eval_every=self.eval_every, save_every=self.save_every, keep_last=self.keep_last)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int, device: torch.device) -> torch.Tensor:
@@ -143,29 +145,60 @@ def _pad_id(tok: Any) -> int:
     return 0
 
 
-class FinetuneRun:
+class SFTLoss:
+    """Next-token cross-entropy on the assistant tokens; evaluated as the token-weighted validation loss."""
+
+    def __init__(self, pad: int, device: torch.device, bf16: bool, val_batches: list[list[Example]]) -> None:
+        self.pad, self.device, self.bf16, self.val_batches = pad, device, bf16, val_batches
+
+    def loss(self, model: nn.Module, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, labels = collate(batch, self.pad, self.device)
+        with autocast(self.device, self.bf16):
+            logits = model(ids)
+        return sft_loss(logits, labels), {}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.val_batches:
+            return {}
+        total, count = 0.0, 0
+        for batch in self.val_batches:
+            ids, labels = collate(batch, self.pad, self.device)
+            with autocast(self.device, self.bf16):
+                logits = model(ids)
+            total += float(sft_loss(logits, labels, reduction="sum"))
+            count += int((labels[:, 1:] != IGNORE).sum())
+        return {"val_loss": total / max(count, 1)}
+
+
+class FinetuneRun(TrainLoop):
     """Load a model (full, LoRA or QLoRA), train it on a subclass's examples, checkpoint and resume.
 
-    Subclasses set `kind` and `default_lr`, and implement `prepare_data` (train_set, val_set, lengths),
-    `batch_loss` and `evaluate`; they may extend `trainable`, `save_weights`, `load_weights` and the extra
-    state kept in trainer.pt.
+    Subclasses set `kind`, `default_lr` and `config_type`, and implement `prepare_data` (train_set,
+    val_set, lengths) and `make_objective`; they may extend `trainable`, `setup`, `save_weights` and
+    `load_weights`.
     """
 
+    out: Path
     kind = "sft"
     default_lr = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+    config_type: type[FinetuneConfig] = FinetuneConfig
 
     def __init__(self, model: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                  resume: bool = False, log: Callable[[str], None] = print, progress: bool = False) -> None:
         from ..registry import resolve
 
-        self.cfg = cfg = cfg or FinetuneConfig()
+        cfg = cfg or self.config_type()
+        if not isinstance(cfg, self.config_type):  # the common settings, and this kind's defaults for its own
+            cfg = self.config_type(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+        self.cfg = cfg
         cfg.validate()
+        self.desc = self.kind
         # A no-op outside torchrun; under it, join the process group (each rank on its own GPU).
         self.dist, self.device = setup_distributed(str(parse_device(cfg.device)) if cfg.device else None)
         if not self.dist.main:
             log, progress = (lambda s: None), False
         self.log, self.progress, self.out = log, progress, Path(out).expanduser()
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = use_bf16(cfg.precision, self.device)
         path = resolve(str(model))
         # Adapters record their base; a path is stored absolute so the adapter loads from anywhere.
         self.base_model = str(model) if not Path(str(model)).expanduser().exists() else str(path.resolve())
@@ -194,26 +227,19 @@ class FinetuneRun:
         self.lr = cfg.lr or self.default_lr[cfg.method]
         micro = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / (cfg.grad_accum * self.dist.world)))
-        self.tc = TrainConfig(data="", out=str(self.out), lr=self.lr, min_lr=self.lr * cfg.min_lr_fraction,
-                              max_iters=self.total_steps, warmup_iters=int(cfg.warmup_fraction * self.total_steps),
-                              weight_decay=cfg.weight_decay, betas=(0.9, 0.999), grad_clip=cfg.grad_clip)
+        self.optim = cfg.optim(self.lr, self.total_steps)
         self.lora = cfg.method != "full"
         if self.lora:
             self._apply_lora()
-        self.module = self.trainable()
+        self.module = self.train_model = self.trainable()
         self.module.train()
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.module, self.tc, self.device)
+        self.opt = make_optimizer(self.module, self.optim, self.device)
+        self.data = ExampleStream(self.train_set, self.lengths, cfg.batch_size, cfg.seed, cfg.grad_accum,
+                                  self.dist.rank, self.dist.world)
+        self.objective = self.make_objective(sorted_batches(self.val_set, self.example_length, cfg.batch_size))
         self.step = 0
-        self.consumed = 0  # micro-batches drawn from the data order, by all ranks together
-        self.metrics = self.out / "metrics.jsonl"
-        self.last_eval: dict[str, float] = {}
         self.setup()
-        if self.dist.main:
-            clean_run_dir(self.out, self.log)
-        barrier()  # every rank sees the cleaned directory before choosing a checkpoint
-        if resume:
-            self._resume()
+        self.start(resume)
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def prepare_data(self, data: str | Path) -> None:
@@ -223,38 +249,23 @@ class FinetuneRun:
         self.train_set, self.val_set = split_val(examples, self.cfg.val_fraction, self.cfg.seed)
         self.lengths = [len(e) for e in self.train_set]
 
+    def make_objective(self, val_batches: list[list[Any]]) -> Any:
+        return SFTLoss(self.pad, self.device, self.bf16, val_batches)
+
+    @staticmethod
+    def example_length(item: Any) -> int:
+        return len(item)
+
+    @staticmethod
+    def prompt_of(item: Any) -> list[dict[str, str]]:
+        """The conversation before the trained reply (what samples are generated from)."""
+        return item.prompt
+
     def trainable(self) -> nn.Module:
         return self.model
 
     def setup(self) -> None:
         """Work after the model is final and before training (DPO: reference log-probabilities)."""
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
-    def batch_loss(self, batch: list[Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        ids, labels = collate(batch, self.pad, self.device)
-        with self.autocast():
-            logits = self.model(ids)
-        return sft_loss(logits, labels), {}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean loss over the validation examples."""
-        if not self.val_set:
-            return {}
-        total, count = 0.0, 0
-        with self.eval_mode():
-            for batch in self.val_batches():
-                ids, labels = collate(batch, self.pad, self.device)
-                with self.autocast():
-                    logits = self.model(ids)
-                total += float(sft_loss(logits, labels, reduction="sum"))
-                count += int((labels[:, 1:] != IGNORE).sum())
-        return {"val_loss": total / max(count, 1)}
 
     # -- model -----------------------------------------------------------------------------------------------
     def _lora_config(self) -> Any:
@@ -277,29 +288,6 @@ class FinetuneRun:
                  f"{sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
                  "parameters")
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    @contextlib.contextmanager
-    def eval_mode(self) -> Any:
-        was = self.module.training
-        self.module.eval()
-        try:
-            yield
-        finally:
-            self.module.train(was)
-
-    def val_batches(self) -> list[list[Any]]:
-        order = sorted(range(len(self.val_set)), key=lambda i: self._length(self.val_set[i]))
-        bs = self.cfg.batch_size
-        return [[self.val_set[i] for i in order[s:s + bs]] for s in range(0, len(order), bs)]
-
-    @staticmethod
-    def _length(item: Any) -> int:
-        return len(item) if isinstance(item, Example) else max(len(item.chosen), len(item.rejected))
-
     # -- samples ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self) -> list[dict[str, str]]:
@@ -309,7 +297,7 @@ class FinetuneRun:
         pool = self.val_set or self.train_set
         prompts = []
         for item in pool[: self.cfg.samples]:
-            msgs = item.prompt if isinstance(item, Example) else item.chosen.prompt
+            msgs = self.prompt_of(item)
             ids = self.tokenizer.encode_chat(msgs)
             if msgs and len(ids) + self.cfg.sample_tokens <= self.model.cfg.context_length:
                 prompts.append((msgs, ids))
@@ -322,6 +310,12 @@ class FinetuneRun:
                                    SamplingParams(max_tokens=self.cfg.sample_tokens, temperature=0.0))
         torch.set_rng_state(rng)
         return [{"prompt": msgs[-1]["content"][:200], "reply": s.text} for (msgs, _), s in zip(prompts, seqs)]
+
+    def eval_samples(self) -> list[Any]:
+        return self.sample() if self.cfg.samples and self.dist.main else []
+
+    def describe_sample(self, sample: dict[str, str]) -> str:
+        return f"{sample['prompt'][:60]!r} -> {sample['reply'][:200]!r}"
 
     # -- state -------------------------------------------------------------------------------------------------
     def save_weights(self, out: Path) -> None:
@@ -349,21 +343,27 @@ class FinetuneRun:
         return {"kind": self.kind, "base_model": self.base_model, "train_examples": len(self.train_set),
                 "settings": dataclasses.asdict(self.cfg)}
 
-    def save(self) -> Path:
-        """Rank 0 writes the checkpoint (the ranks' weights are identical); every rank waits for it."""
-        path = self.out / f"step_{self.step:07d}"
-        if self.dist.main:
-            with atomic_dir(path) as tmp:
-                self.save_weights(tmp)
-                state = {"step": self.step, "micro_batches": self.consumed, "optimizer": self.opt.state_dict(),
-                         "torch_rng": torch.get_rng_state(), "extra": self.extra_state()}
-                if self.device.type == "cuda":
-                    state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-                torch.save(state, tmp / TRAINER_STATE)
-                (tmp / RUN_CONFIG).write_text(json.dumps(self._run_config(), indent=2), encoding="utf-8")
-            prune_checkpoints(self.out, self.cfg.keep_last)
-        barrier()
-        return path
+    def write_checkpoint(self, tmp: Path, weights: Any) -> None:
+        self.save_weights(tmp)
+        (tmp / RUN_CONFIG).write_text(json.dumps(self._run_config(), indent=2), encoding="utf-8")
+
+    def check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        saved = read_json(path / RUN_CONFIG)
+        mine = self._run_config()
+        if saved.get("kind") != self.kind or saved.get("train_examples") != mine["train_examples"]:
+            raise LMForgeError(f"{path}: a {saved.get('kind')} run on {saved.get('train_examples')} examples; "
+                               f"this is a {self.kind} run on {mine['train_examples']}; cannot resume")
+        diff = sorted(k for k, v in mine["settings"].items() if k not in _RESUMABLE_CHANGES
+                      and json.loads(json.dumps(v)) != saved["settings"].get(k))
+        if diff:
+            raise LMForgeError(f"{path}: settings differ from the checkpoint's ({', '.join(diff)}); cannot resume")
+
+    def restore(self, path: Path, state: dict[str, Any]) -> None:
+        self.load_weights(path)
+        self.opt.load_state_dict(state["optimizer"])
+
+    def finish(self) -> None:
+        self.final = self.save_final()
 
     def save_final(self) -> Path:
         path = self.out / "final"
@@ -376,44 +376,6 @@ class FinetuneRun:
         barrier()
         return path
 
-    def close(self) -> None:
-        """Leave the process group (torchrun); harmless otherwise."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def _resume(self) -> None:
-        from ..fsutil import read_json
-
-        path = latest_checkpoint(self.out)
-        saved = read_json(path / RUN_CONFIG)
-        mine = self._run_config()
-        if saved.get("kind") != self.kind or saved.get("train_examples") != mine["train_examples"]:
-            raise LMForgeError(f"{path}: a {saved.get('kind')} run on {saved.get('train_examples')} examples; "
-                               f"this is a {self.kind} run on {mine['train_examples']}; cannot resume")
-        diff = sorted(k for k, v in mine["settings"].items() if k not in _RESUMABLE_CHANGES
-                      and json.loads(json.dumps(v)) != saved["settings"].get(k))
-        if diff:
-            raise LMForgeError(f"{path}: settings differ from the checkpoint's ({', '.join(diff)}); cannot resume")
-        try:
-            state = torch.load(path / TRAINER_STATE, weights_only=True)  # our own file; never arbitrary pickles
-        except Exception as e:
-            raise LMForgeError(f"{path / TRAINER_STATE}: cannot read trainer state ({e})") from None
-        self.load_weights(path)
-        self.opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.load_extra_state(state.get("extra") or {})
-        self.step = int(state["step"])
-        self.consumed = int(state.get("micro_batches", self.step * self.cfg.grad_accum))
-        if self.metrics.exists() and self.dist.main:  # forget metrics logged after the checkpoint
-            kept = [line for line in self.metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            with atomic_file(self.metrics) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.log(f"resumed from {path} at step {self.step}")
-
-    # -- loop ------------------------------------------------------------------------------------------------
     @classmethod
     def train(cls, model: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
               resume: bool = False, log: Callable[[str], None] = print, progress: bool = False) -> Any:
@@ -424,97 +386,6 @@ class FinetuneRun:
         finally:
             run.close()
         return run
-
-    def fit(self, until: int | None = None) -> list[float]:
-        """Train to the last step (or stop after step `until`); returns each step's loss. Writes `final/`
-        when the run completes."""
-        from tqdm import tqdm
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        losses: list[float] = []
-        stop: list[int] = []
-        handlers = _on_signals(lambda signum, frame: stop.append(signum))
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.kind, unit="step", leave=False,
-                   disable=not self.progress, file=sys.stderr)
-        try:
-            interrupted = self._loop(bar, losses, stop, until)
-        finally:
-            _restore_signals(handlers)
-            bar.close()
-        if interrupted:
-            path = self.save()
-            self.log(f"stopped at step {self.step}; saved {path} (continue with --resume)")
-            raise KeyboardInterrupt
-        if self.step >= self.total_steps:
-            self.final = self.save_final()
-        return losses
-
-    def _loop(self, bar: Any, losses: list[float], stop: list[int], until: int | None) -> bool:
-        cfg = self.cfg
-        end = min(self.total_steps, until or self.total_steps)
-        world, rank = self.dist.world, self.dist.rank
-        batches = iter_batches(self.lengths, cfg.batch_size, cfg.seed, self.consumed)
-        self.module.train()
-        while self.step < end:
-            lr = learning_rate(self.tc, self.step)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            total = 0.0
-            stats: dict[str, float] = {}
-            for _ in range(cfg.grad_accum):
-                mine = [next(batches) for _ in range(world)][rank]  # each rank its own micro-batch
-                self.consumed += world
-                loss, st = self.batch_loss([self.train_set[i] for i in mine])
-                (loss / cfg.grad_accum).backward()
-                total += float(loss.detach()) / cfg.grad_accum
-                for k, v in st.items():
-                    stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
-            self._average_gradients()
-            # One collective a step: the logged values averaged over ranks, and whether any was signalled.
-            total, stats, interrupted = self._average_log(total, stats, bool(stop))
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            losses.append(total)
-            record: dict[str, Any] = {"step": self.step, "loss": total, "lr": lr, **stats}
-            if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
-                self.last_eval = self.evaluate()
-                record |= self.last_eval
-                if cfg.samples and self.dist.main:
-                    samples = self.sample()
-                    if samples:
-                        record["samples"] = samples
-                        for s in samples:
-                            self.log(f"sample at step {self.step}: {s['prompt'][:60]!r} -> {s['reply'][:200]!r}")
-            if self.dist.main:
-                with self.metrics.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", **{k: f"{v:.4f}" for k, v in self.last_eval.items()})
-            bar.update(1)
-            if interrupted:
-                return True
-            if self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                self.save()
-        return False
-
-    def _average_gradients(self) -> None:
-        """Average the trainable parameters' gradients over ranks: one all-reduce of them all, flattened."""
-        if self.dist.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for p in self.params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-
-    def _average_log(self, total: float, stats: dict[str, float], stop: bool) -> tuple[float, dict[str, float], bool]:
-        keys = sorted(stats)
-        t = mean_over_ranks(torch.tensor([total, *(stats[k] for k in keys), float(stop)], dtype=torch.float64,
-                                         device=self.device))
-        return float(t[0]), {k: float(v) for k, v in zip(keys, t[1:-1])}, bool(t[-1] > 0)
 
 
 def finetune_sft(model: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,

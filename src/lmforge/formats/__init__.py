@@ -1,4 +1,8 @@
-"""Reading models from disk: HF directories and GGUF files, into the one model core."""
+"""Model files: HF directories and GGUF files read into the one model core, and written back.
+
+`hf` and `gguf` read, `export` and `gguf_write` write, `hf_names` is the one table of HF tensor names
+(loading, export and PEFT adapters), `inspect` describes a file without loading it.
+"""
 
 from __future__ import annotations
 
@@ -11,35 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from ..device import placement
 from ..errors import LMForgeError
 from ..model import ModelConfig, Transformer
-from ..model.kernels import lib
-from ..model.quant import PackedLinear, PackedWeight
+from ..quant import PackedWeight, accelerate, kernels
+from ..registry import home
 from ..tokenizer import Tokenizer
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def parse_device(device: torch.device | str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise LMForgeError(f"invalid device {device!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LMForgeError(f"device {device!r} requested, but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LMForgeError(f"device {device!r} requested, but only {torch.cuda.device_count()} CUDA devices exist")
-    return dev
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are far slower.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 @dataclass
@@ -52,11 +35,23 @@ class Checkpoint:
     tensor_types: dict[str, int] = field(default_factory=dict)
 
 
+# A stored format for some of a model's matrices (QLoRA): (tensor name, dense tensor or file codes) -> a
+# builder of the layer that holds the matrix in that format, given the layer's bias; None keeps it dense.
+StoreAs = Callable[[str, torch.Tensor | PackedWeight], Callable[[torch.Tensor | None], nn.Module] | None]
+
+
+def kernel_dir() -> Path:
+    """Where the CPU kernels are compiled and cached."""
+    return home() / "kernels"
+
+
 def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]], device: torch.device,
-                dtype: torch.dtype, progress: bool = False) -> Transformer:
+                dtype: torch.dtype, progress: bool = False, store: StoreAs | None = None) -> Transformer:
     """Build on the meta device and assign weights as they stream in: at most one model's worth of memory.
 
-    A `PackedWeight` gives its layer a `PackedLinear`, which keeps the codes for fast CPU decoding.
+    A `PackedWeight` gives its layer a `PackedLinear`, which keeps the codes for fast CPU decoding. With
+    ``store``, the matrices it takes are held in its format instead (no dense copy is ever kept) and the
+    other file codes are dequantized. The CPU fast paths are installed (`quant.accelerate`).
     """
     from tqdm import tqdm
 
@@ -65,29 +60,31 @@ def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | Pa
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, PackedWeight] = {}
+    stored: dict[str, Callable[[torch.Tensor | None], nn.Module]] = {}
     for name, t in tqdm(weights, desc="loading", unit=" tensors", disable=not progress, leave=False):
         if isinstance(t, PackedWeight):
             packed[name.removesuffix(".weight")] = t
             if name not in expected:  # codes of a tied output matrix: no dense copy of its own
                 continue
-            t = t.dequantize()
         if name not in expected:
             raise LMForgeError(f"unexpected tensor {name!r} for a {cfg.family} model")
         if tuple(t.shape) != tuple(expected[name].shape):
             raise LMForgeError(f"tensor {name!r} has shape {tuple(t.shape)}, config expects {tuple(expected[name].shape)}")
+        make = store(name, t) if store is not None else None
+        if make is not None:
+            stored[name.removesuffix(".weight")] = make
+            continue
+        if isinstance(t, PackedWeight):
+            t = t.dequantize()
         state[name] = t.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - {m + ".weight" for m in stored})
     if missing:
         raise LMForgeError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
-    model.load_state_dict(state, assign=True, strict=True)
-    for mod, pw in packed.items():
-        if mod == "lm_head" and model.lm_head is None:
-            model.set_head_packed(pw)
-            continue
+    model.load_state_dict(state, assign=True, strict=not stored)
+    for mod, make in stored.items():
         parent, _, attr = mod.rpartition(".")
-        old = model.get_submodule(mod)
-        setattr(model.get_submodule(parent), attr, PackedLinear(old.weight, old.bias, pw))
-    return model.eval()
+        setattr(model.get_submodule(parent), attr, make(state.get(mod + ".bias")))
+    return accelerate(model.eval(), kernel_dir(), packed if store is None else None)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -174,13 +171,6 @@ def check_layout(cfg: ModelConfig, names: set[str], header_weights: Callable[[],
                                f"the config expects {expected[key]}")
 
 
-def placement(device: torch.device | str | None = None, dtype: torch.dtype | None = None
-              ) -> tuple[torch.device, torch.dtype]:
-    """The device (default: CUDA when present) and dtype (default: that device's) to load onto."""
-    dev = parse_device(device) if device is not None else default_device()
-    return dev, dtype or default_dtype(dev)
-
-
 def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, packed: bool | None = None,
                     progress: bool = False) -> Checkpoint:
@@ -196,7 +186,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
         types = Counter(str(p.dtype).replace("torch.", "") for p in model.parameters())
         return Checkpoint(model, src.tokenizer, src.config, src.path, "hf", dict(types))
     if packed is None:
-        packed = dev.type == "cpu" and dt == torch.float32 and lib() is not None
+        kernels.use_build_dir(kernel_dir())
+        packed = dev.type == "cpu" and dt == torch.float32 and kernels.lib() is not None
     model = build_model(src.config, src.weights(packed), dev, dt, progress)
     types = Counter(t.tensor_type.name for t in src.gguf.tensors.values())
     return Checkpoint(model, src.tokenizer, src.config, src.path, "gguf", dict(types))

@@ -19,6 +19,7 @@ from ..errors import LMForgeError
 from ..fsutil import atomic_dir
 from ..model import ModelConfig, Transformer
 from ..tokenizer import CHATML_TEMPLATE, Tokenizer
+from .hf_names import hf_names, saved_prefix
 
 if TYPE_CHECKING:
     from . import Checkpoint
@@ -75,50 +76,15 @@ def hf_tensors(model: Transformer, state_dict: dict[str, torch.Tensor] | None = 
     gathered from a sharded model)."""
     cfg = model.cfg
     sd = {k: v.detach() for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
-    if cfg.family == "gpt2":
-        yield "transformer.wte.weight", sd["tok_emb.weight"]
-        yield "transformer.wpe.weight", sd["pos_emb.weight"]
-        for i in range(cfg.n_layers):
-            o, p = f"layers.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                yield p + f"{theirs}.weight", sd[o + f"{ours}.weight"]
-                yield p + f"{theirs}.bias", sd[o + f"{ours}.bias"]
-            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"),
-                                 ("mlp.fc", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
-                yield p + f"{theirs}.weight", sd[o + f"{ours}.weight"].t()  # Conv1D: [in, out]
-                yield p + f"{theirs}.bias", sd[o + f"{ours}.bias"]
-        yield "transformer.ln_f.weight", sd["norm.weight"]
-        yield "transformer.ln_f.bias", sd["norm.bias"]
-        return
-    if cfg.family == "bert":
-        yield from _bert_tensors(cfg, sd)
-        return
-    yield "model.embed_tokens.weight", sd["tok_emb.weight"]
-    split_qkv = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
-    for i in range(cfg.n_layers):
-        o, p = f"layers.{i}.", f"model.layers.{i}."
-        yield p + "input_layernorm.weight", sd[o + "attn_norm.weight"]
-        yield p + "post_attention_layernorm.weight", sd[o + "mlp_norm.weight"]
-        for name, part in zip("qkv", sd[o + "attn.qkv.weight"].split(split_qkv)):
-            yield p + f"self_attn.{name}_proj.weight", part
-        if cfg.qkv_bias:
-            for name, part in zip("qkv", sd[o + "attn.qkv.bias"].split(split_qkv)):
-                yield p + f"self_attn.{name}_proj.bias", part
-        yield p + "self_attn.o_proj.weight", sd[o + "attn.o.weight"]
-        if cfg.out_bias:
-            yield p + "self_attn.o_proj.bias", sd[o + "attn.o.bias"]
-        gate, up = sd[o + "mlp.gate_up.weight"].split(cfg.ffn_dim)
-        yield p + "mlp.gate_proj.weight", gate
-        yield p + "mlp.up_proj.weight", up
-        yield p + "mlp.down_proj.weight", sd[o + "mlp.down.weight"]
-        if cfg.mlp_bias:
-            gate_b, up_b = sd[o + "mlp.gate_up.bias"].split(cfg.ffn_dim)
-            yield p + "mlp.gate_proj.bias", gate_b
-            yield p + "mlp.up_proj.bias", up_b
-            yield p + "mlp.down_proj.bias", sd[o + "mlp.down.bias"]
-    yield "model.norm.weight", sd["norm.weight"]
-    if not cfg.tie_embeddings:
-        yield "lm_head.weight", sd["lm_head.weight"]
+    prefix = saved_prefix(cfg)
+    for entry in hf_names(cfg):
+        t = sd[entry.ours]
+        if entry.conv1d:  # GPT-2's Conv1D: [in, out]
+            t = t.t()
+        if entry.kept is not None:  # rows we dropped on load come back as zeros
+            t = torch.cat([t.new_zeros(entry.kept[0], t.shape[1]), t])
+        for name, piece in zip(entry.hf, t.split(entry.rows) if entry.rows else (t,)):
+            yield (prefix + name if entry.base else name), piece
 
 
 def _bert_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -136,41 +102,6 @@ def _bert_config(cfg: ModelConfig) -> dict[str, Any]:
         "type_vocab_size": cfg.type_vocab_size, "pad_token_id": cfg.extra.get("pad_token_id", 0),
         "position_embedding_type": "absolute", "tie_word_embeddings": True, "torch_dtype": "float32",
     }
-
-
-def _bert_tensors(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The inverse of `formats.hf._bert_tensors`."""
-    roberta = cfg.extra.get("hf_model_type", "bert") != "bert"
-    # A bare encoder is saved unprefixed (BertModel); a masked-LM one under bert./roberta. (BertForMaskedLM).
-    base = ("roberta." if roberta else "bert.") if cfg.head == "mlm" else ""
-    e = base + "embeddings."
-    yield e + "word_embeddings.weight", sd["tok_emb.weight"]
-    pos = sd["pos_emb.weight"]
-    off = cfg.extra.get("position_offset", 0)
-    yield e + "position_embeddings.weight", torch.cat([pos.new_zeros(off, pos.shape[1]), pos])
-    if cfg.type_vocab_size:
-        yield e + "token_type_embeddings.weight", sd["type_emb.weight"]
-    yield e + "LayerNorm.weight", sd["emb_norm.weight"]
-    yield e + "LayerNorm.bias", sd["emb_norm.bias"]
-    for i in range(cfg.n_layers):
-        o, p = f"layers.{i}.", f"{base}encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            for name, part in zip(("query", "key", "value"), sd[o + f"attn.qkv.{kind}"].split(cfg.dim)):
-                yield p + f"attention.self.{name}.{kind}", part
-            for ours, theirs in (("attn.o", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
-                                 ("mlp.fc", "intermediate.dense"), ("mlp.down", "output.dense"),
-                                 ("mlp_norm", "output.LayerNorm")):
-                yield p + f"{theirs}.{kind}", sd[o + f"{ours}.{kind}"]
-    if cfg.pooler:
-        yield base + "pooler.dense.weight", sd["pooler.weight"]
-        yield base + "pooler.dense.bias", sd["pooler.bias"]
-    if cfg.head == "mlm":
-        h = "lm_head." if roberta else "cls.predictions."
-        dense, norm = ("dense", "layer_norm") if roberta else ("transform.dense", "transform.LayerNorm")
-        for kind in ("weight", "bias"):
-            yield f"{h}{dense}.{kind}", sd[f"mlm_dense.{kind}"]
-            yield f"{h}{norm}.{kind}", sd[f"mlm_norm.{kind}"]
-        yield h + "bias", sd["mlm_bias"]
 
 
 def save_tokenizer(tok: Tokenizer, out: Path) -> None:

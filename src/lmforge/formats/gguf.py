@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType
 
 from ..errors import LMForgeError
 from ..model.config import ModelConfig
-from ..model.quant import PackedWeight, from_gguf_blocks
+from ..quant.packed import PackedWeight, from_gguf_blocks
 
 Weight = torch.Tensor | PackedWeight
 

@@ -28,7 +28,14 @@ from gguf import (
 from ..errors import LMForgeError
 from ..fsutil import atomic_file
 from ..model import ModelConfig, Transformer
-from ..tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, CHATML_TEMPLATE, END_OF_TURN_TOKENS, Tokenizer
+from ..tokenizer import (
+    CHATML_TEMPLATE,
+    END_OF_TURN_TOKENS,
+    GPT4_SPLIT,
+    LLAMA3_SPLIT,
+    QWEN2_SPLIT,
+    Tokenizer,
+)
 
 QT = GGMLQuantizationType
 # name -> (type of the 2-D matrices, general.file_type)
@@ -175,8 +182,6 @@ def _encode(e: _Entry) -> np.ndarray:
 # -- tokenizer ----------------------------------------------------------------------------------------
 def _pre_name(spec: dict[str, Any]) -> str:
     """The llama.cpp pre-tokenizer name for an HF byte-level pre-tokenizer, by its shape."""
-    from ..train.tokenizer import GPT4_SPLIT
-
     spec = spec or {}
     parts = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
     kinds = [p.get("type") for p in parts]
@@ -187,7 +192,7 @@ def _pre_name(spec: dict[str, Any]) -> str:
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         pattern = (parts[0].get("pattern") or {}).get("Regex")
         # lmforge's own GPT-4-style split behaves as Llama 3's (possessive quantifiers aside)
-        for name, rx in (("llama-bpe", _LLAMA3_SPLIT), ("llama-bpe", GPT4_SPLIT), ("qwen2", _QWEN2_SPLIT)):
+        for name, rx in (("llama-bpe", LLAMA3_SPLIT), ("llama-bpe", GPT4_SPLIT), ("qwen2", QWEN2_SPLIT)):
             if pattern == rx:
                 return name
     raise LMForgeError(f"cannot name this tokenizer's pre-tokenizer for GGUF ({'+'.join(map(str, kinds))}); "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +12,17 @@ from safetensors import SafetensorError, safe_open
 from ..errors import LMForgeError
 from ..fsutil import read_json
 from ..model.config import ModelConfig
+from .hf_names import base_prefix, hf_names
 
 _LLAMA_LIKE = {"llama", "mistral", "qwen2"}
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta"}
 _ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
         "gelu_fast": "gelu_tanh", "relu": "relu"}
 
+
+# GPT-2 and BERT share one shape: LayerNorm, a GELU MLP, learned positions, biases everywhere, a tied output.
+_CLASSIC: dict[str, Any] = {"norm": "layernorm", "mlp": "gelu", "position": "learned", "qkv_bias": True,
+                            "out_bias": True, "mlp_bias": True, "tie_embeddings": True}
 
 _MISSING = object()
 _KINDS = {"size": "a positive integer", "count": "a non-negative integer", "number": "a number",
@@ -114,16 +119,10 @@ def config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None) -> 
             n_layers=_get(hf, "n_layer", "size"),
             n_heads=_get(hf, "n_head", "size"),
             ffn_dim=_get(hf, "n_inner", "size", 4 * dim),
-            norm="layernorm",
             norm_eps=float(_get(hf, "layer_norm_epsilon", "number", 1e-5)),
-            mlp="gelu",
             activation=_act(hf, "activation_function", "gelu_new"),
-            position="learned",
-            qkv_bias=True,
-            out_bias=True,
-            mlp_bias=True,
-            tie_embeddings=True,
             context_length=_get(hf, "n_positions", "size", 1024),
+            **_CLASSIC,
         )
     raise LMForgeError(f"unsupported model_type {mt!r} in config.json "
                        "(supported: llama, mistral, qwen2, gpt2, bert, roberta, xlm-roberta)")
@@ -190,16 +189,10 @@ def _bert_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
         n_layers=_get(hf, "num_hidden_layers", "size"),
         n_heads=_get(hf, "num_attention_heads", "size"),
         ffn_dim=_get(hf, "intermediate_size", "size"),
-        norm="layernorm",
         norm_eps=float(_get(hf, "layer_norm_eps", "number", 1e-12)),
         norm_position="post",
-        mlp="gelu",
         activation=_act(hf, "hidden_act", "gelu"),
-        position="learned",
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        tie_embeddings=True,
+        **_CLASSIC,
         context_length=_get(hf, "max_position_embeddings", "size", 512) - offset,
         causal=False,
         type_vocab_size=_get(hf, "type_vocab_size", "count", 2),
@@ -220,7 +213,8 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # -- weights ---------------------------------------------------------------------------------------
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF directory: its shards (all present) or its one model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(read_json(index)["weight_map"].values()))
@@ -263,95 +257,26 @@ class TensorSource:
             raise LMForgeError(f"{self.where[key]}: cannot read tensor {key!r} ({e}); is the file truncated?") from None
 
 
-def _strip_prefix(src: TensorSource, prefixes: tuple[str, ...]) -> Callable[[str], torch.Tensor]:
-    def get(name: str) -> torch.Tensor:
-        for p in prefixes:
-            if p + name in src:
-                return src.get(p + name)
-        return src.get(prefixes[0] + name)
-
-    return get
-
-
 def hf_state_dict(cfg: ModelConfig, src: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (our_name, tensor) one at a time, so loading never holds two copies of the model."""
-    if cfg.family == "gpt2":
-        yield from _gpt2_tensors(cfg, _strip_prefix(src, ("transformer.", "")))
-        return
-    if cfg.family == "bert":
-        prefix = "bert." if cfg.extra.get("hf_model_type", "bert") == "bert" else "roberta."
-        yield from _bert_tensors(cfg, _strip_prefix(src, (prefix, "")))
-        return
-    get = _strip_prefix(src, ("model.", ""))
-    yield "tok_emb.weight", get("embed_tokens.weight")
-    for i in range(cfg.n_layers):
-        p, o = f"layers.{i}.", f"layers.{i}."
-        yield o + "attn_norm.weight", get(p + "input_layernorm.weight")
-        yield o + "mlp_norm.weight", get(p + "post_attention_layernorm.weight")
-        a = p + "self_attn."
-        yield o + "attn.qkv.weight", torch.cat([get(a + f"{x}_proj.weight") for x in "qkv"])
-        if cfg.qkv_bias:
-            yield o + "attn.qkv.bias", torch.cat([get(a + f"{x}_proj.bias") for x in "qkv"])
-        yield o + "attn.o.weight", get(a + "o_proj.weight")
-        if cfg.out_bias:
-            yield o + "attn.o.bias", get(a + "o_proj.bias")
-        m = p + "mlp."
-        yield o + "mlp.gate_up.weight", torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")])
-        yield o + "mlp.down.weight", get(m + "down_proj.weight")
-        if cfg.mlp_bias:
-            yield o + "mlp.gate_up.bias", torch.cat([get(m + "gate_proj.bias"), get(m + "up_proj.bias")])
-            yield o + "mlp.down.bias", get(m + "down_proj.bias")
-    yield "norm.weight", get("norm.weight")
-    if not cfg.tie_embeddings:
-        yield "lm_head.weight", src.get("lm_head.weight")
+    prefix = base_prefix(cfg)
 
+    def get(name: str, base: bool) -> torch.Tensor:
+        # A base-model checkpoint has no prefix; a task model's keeps its heads outside the prefix.
+        tries = (prefix + name, name) if base else (name, prefix + name)
+        for key in tries:
+            if key in src:
+                return src.get(key)
+        return src.get(tries[0])
 
-def _gpt2_tensors(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    yield "tok_emb.weight", get("wte.weight")
-    yield "pos_emb.weight", get("wpe.weight")
-    for i in range(cfg.n_layers):
-        p, o = f"h.{i}.", f"layers.{i}."
-        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            yield o + f"{ours}.weight", get(p + f"{theirs}.weight")
-            yield o + f"{ours}.bias", get(p + f"{theirs}.bias")
-        # GPT-2 stores Conv1D weights as [in, out]; nn.Linear wants [out, in].
-        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"),
-                             ("mlp.fc", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
-            yield o + f"{ours}.weight", get(p + f"{theirs}.weight").t().contiguous()
-            yield o + f"{ours}.bias", get(p + f"{theirs}.bias")
-    yield "norm.weight", get("ln_f.weight")
-    yield "norm.bias", get("ln_f.bias")
-
-
-def _bert_tensors(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    e = "embeddings."
-    yield "tok_emb.weight", get(e + "word_embeddings.weight")
-    off = cfg.extra.get("position_offset", 0)
-    yield "pos_emb.weight", get(e + "position_embeddings.weight")[off:off + cfg.context_length]
-    if cfg.type_vocab_size:
-        yield "type_emb.weight", get(e + "token_type_embeddings.weight")
-    yield "emb_norm.weight", get(e + "LayerNorm.weight")
-    yield "emb_norm.bias", get(e + "LayerNorm.bias")
-    for i in range(cfg.n_layers):
-        p, o = f"encoder.layer.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias"):
-            yield o + f"attn.qkv.{kind}", torch.cat([get(p + f"attention.self.{x}.{kind}")
-                                                      for x in ("query", "key", "value")])
-            for ours, theirs in (("attn.o", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
-                                 ("mlp.fc", "intermediate.dense"), ("mlp.down", "output.dense"),
-                                 ("mlp_norm", "output.LayerNorm")):
-                yield o + f"{ours}.{kind}", get(p + f"{theirs}.{kind}")
-    if cfg.pooler:
-        yield "pooler.weight", get("pooler.dense.weight")
-        yield "pooler.bias", get("pooler.dense.bias")
-    if cfg.head == "mlm":
-        roberta = cfg.extra.get("hf_model_type", "bert") != "bert"
-        h = "lm_head." if roberta else "cls.predictions."
-        dense, norm = ("dense", "layer_norm") if roberta else ("transform.dense", "transform.LayerNorm")
-        for kind in ("weight", "bias"):
-            yield f"mlm_dense.{kind}", get(f"{h}{dense}.{kind}")
-            yield f"mlm_norm.{kind}", get(f"{h}{norm}.{kind}")
-        yield "mlm_bias", get(h + "bias")
+    for entry in hf_names(cfg):
+        pieces = [get(n, entry.base) for n in entry.hf]
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if entry.conv1d:  # nn.Linear wants [out, in]
+            t = t.t().contiguous()
+        if entry.kept is not None:
+            t = t[entry.kept[0]:entry.kept[1]]
+        yield entry.ours, t
 
 
 class _HeaderSource:
@@ -371,7 +296,7 @@ class _HeaderSource:
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors in an HF directory's safetensors files (headers only)."""
-    src = TensorSource(_safetensors_files(path))
+    src = TensorSource(safetensors_files(path))
     return {k: tuple(src._handles[f].get_slice(k).get_shape()) for k, f in src.where.items()}
 
 
@@ -382,8 +307,8 @@ def header_state_dict(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> I
 
 def tensor_names(path: Path) -> set[str]:
     """Names of the tensors in an HF directory's safetensors files (headers only)."""
-    return set(TensorSource(_safetensors_files(path)).where)
+    return set(TensorSource(safetensors_files(path)).where)
 
 
 def load_hf_weights(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    return hf_state_dict(cfg, TensorSource(_safetensors_files(path)))
+    return hf_state_dict(cfg, TensorSource(safetensors_files(path)))

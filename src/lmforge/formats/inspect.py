@@ -43,13 +43,13 @@ def _describe_hf(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     from ..fsutil import read_json
-    from .hf import _safetensors_files, config_from_hf
+    from .hf import config_from_hf, safetensors_files
 
     if not (path / "config.json").exists():
         raise LMForgeError(f"{path}: not a model directory (no config.json)")
     cfg = config_from_hf(read_json(path / "config.json"))
     n, types = 0, Counter()
-    for f in _safetensors_files(path):
+    for f in safetensors_files(path):
         try:
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():

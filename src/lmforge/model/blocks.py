@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from ..errors import LMForgeError
 from .config import ModelConfig
 
 
@@ -24,8 +24,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.fast_path(x):  # one C call instead of several dispatched ops (CPU inference)
-            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 whatever the activation dtype, as the reference implementations do.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -38,7 +36,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -68,8 +66,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
-    from ..errors import LMForgeError
-
     raise LMForgeError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
 
 
@@ -103,8 +99,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) for the positions of a forward
+
+
 class KVStore(Protocol):
-    """What attention needs from a KV cache: store this step's keys/values, return all to attend to."""
+    """What the model needs from a KV cache: where a forward's tokens go (`bind`, called once per forward),
+    then, per layer, store this step's keys/values and return all to attend to (`update`)."""
+
+    def bind(self, slots: list[int] | None, start: list[int], t: int) -> int: ...
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -119,29 +121,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.out_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        cache: KVStore | None,
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None, is_causal: bool,
+                cache: KVStore | None) -> torch.Tensor:
+        return self.attend(self.qkv(x), rope, mask, is_causal, cache)
+
+    def attend(self, proj: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None, is_causal: bool,
+               cache: KVStore | None) -> torch.Tensor:
+        """Attention and output projection from the q/k/v projection proj [b, t, (nh + 2 nkv) * hd]; q and
+        k are rotated here unless ``rope`` is None."""
+        b, t, _ = proj.shape
         # Slicing rather than split(): on the decode path every dispatched op costs microseconds.
         nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
-        proj = self.qkv(x)
-        fast = kernels.fast_path(proj)
-        if rope is not None and fast:  # q and k rotate in place, in one C call
-            kernels.rope_(proj, rope[0], rope[1], nqk, self.head_dim)
-        rows = getattr(cache, "decode_rows", None) if fast and t == 1 else None
-        if rows is not None:  # decode: store this token's key/value and attend, every row in one C call
-            y = kernels.attn_decode_rows(proj, cache.k[self.layer], cache.v[self.layer], *rows, self.n_heads,
-                                         self.n_kv_heads, self.head_dim, self.window)
-            return self.o(y)
         heads = proj.view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, q+k+v heads, t, hd]
         qk, v = heads[:, :nqk], heads[:, nqk:]
-        if rope is not None and not fast:  # q and k rotate together: half the ops of rotating each
+        if rope is not None:  # q and k rotate together: half the ops of rotating each
             qk = apply_rotary(qk, *rope)
         q, k = qk[:, :nq], qk[:, nq:]
         if cache is not None:
@@ -156,7 +149,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
-        self.act = _ACTIVATIONS[cfg.activation]
+        self.act = ACTIVATIONS[cfg.activation]
         self.ffn_dim = cfg.ffn_dim
         if cfg.mlp == "swiglu":
             self.gate_up = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=cfg.mlp_bias)
@@ -167,8 +160,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             h = self.gate_up(x)
-            if self.act is F.silu and h.numel() <= kernels.MAX_ROWS * 2 * self.ffn_dim and kernels.fast_path(h):
-                return self.down(kernels.swiglu(h))
             return self.down(self.act(h[..., : self.ffn_dim]) * h[..., self.ffn_dim:])
         return self.down(self.act(self.fc(x)))
 

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import fused
-from .blocks import _ACTIVATIONS, Block, Rotary, make_norm
+from ..errors import LMForgeError
+from .blocks import ACTIVATIONS, Block, KVStore, Rope, Rotary, make_norm
 from .config import ModelConfig
-from .kernels import MAX_ROWS, fast_path, packed_matmul
-from .quant import PackedWeight, use_packed
 
 
 class Transformer(nn.Module):
@@ -34,28 +31,20 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings or cfg.head != "lm" else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.head == "mlm":  # BERT's masked-LM head; its output matrix is the (tied) token embedding
             self.mlm_dense = nn.Linear(cfg.dim, cfg.dim)
-            self.mlm_act = _ACTIVATIONS[cfg.activation]
+            self.mlm_act = ACTIVATIONS[cfg.activation]
             self.mlm_norm = make_norm(cfg)
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.pooler = nn.Linear(cfg.dim, cfg.dim) if cfg.pooler else None
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.windows = sorted({blk.attn.window for blk in self.layers} - {0})  # sliding windows in use
-        # Codes of a tied output matrix from a quantized file, for fast CPU decoding (see quant.py).
-        self.head_packed: PackedWeight | None = None
-        self._head_version = 0
         # Recompute each block's activations in backward instead of storing them (training only).
         self.grad_checkpointing = False
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooler output: tanh(dense(first token's hidden state)), [b, T, dim] -> [b, dim]."""
         if self.pooler is None:
-            from ..errors import LMForgeError
-
             raise LMForgeError("this model has no pooler layer")
         return torch.tanh(self.pooler(hidden[:, 0]))
-
-    def set_head_packed(self, packed: PackedWeight) -> None:
-        self.head_packed, self._head_version = packed, self.tok_emb.weight._version
 
     # -- weights -----------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02) -> None:
@@ -81,7 +70,7 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         *,
-        cache: Any = None,
+        cache: KVStore | None = None,
         start_pos: list[int] | None = None,
         slots: list[int] | None = None,
         attn_mask: torch.Tensor | None = None,
@@ -145,32 +134,32 @@ class Transformer(nn.Module):
         if self.emb_norm is not None:
             x = self.emb_norm(x)
         rope = self.rotary(positions, x.dtype, max_pos) if self.rotary is not None else None
-        stack = None
-        if t == 1 and rope is not None and getattr(cache, "decode_rows", None) is not None and b <= MAX_ROWS \
-                and fast_path(x):
-            stack = fused.plan(self)  # every block in one C call (CPU decode of a packed model)
-        if stack is not None:
-            x = fused.decode_stack(self, stack, x.contiguous(), rope, cache)
-        else:
-            for layer in self.layers:
-                mask, is_causal = masks[layer.attn.window]
-                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(layer, x, rope=rope, mask=mask, is_causal=is_causal, cache=cache,
-                                   use_reentrant=False)
-                else:
-                    x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
+        x = self.run_layers(x, rope, masks, cache)
         if self.norm is not None:
             x = self.norm(x)
         if last_index is not None:
             x = x[torch.arange(b, device=dev), last_index]
         if return_hidden or self.cfg.head == "none":
             return x
+        return self.logits(x)
+
+    def run_layers(self, x: torch.Tensor, rope: Rope | None,
+                   masks: dict[int, tuple[torch.Tensor | None, bool]], cache: KVStore | None) -> torch.Tensor:
+        """The block stack on hidden states x [b, T, dim]; ``masks`` maps a sliding window (0: none) to
+        its (mask, is_causal)."""
+        for layer in self.layers:
+            mask, is_causal = masks[layer.attn.window]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope=rope, mask=mask, is_causal=is_causal, cache=cache,
+                               use_reentrant=False)
+            else:
+                x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states: logits (LM or masked-LM)."""
         if self.cfg.head == "mlm":
             return F.linear(self.mlm_norm(self.mlm_act(self.mlm_dense(x))), self.tok_emb.weight, self.mlm_bias)
         if self.lm_head is not None:
             return self.lm_head(x)
-        if self.head_packed is not None and self.tok_emb.weight._version != self._head_version:
-            self.head_packed = None  # the embeddings were changed (e.g. fine-tuned): the codes are stale
-        if use_packed(x, self.head_packed):
-            return packed_matmul(x, self.head_packed)
         return F.linear(x, self.tok_emb.weight)

@@ -1,4 +1,7 @@
-"""Semantic search over documents (chunk, embed, exact cosine search) and answers grounded in it."""
+"""Semantic search over documents (chunk, embed, exact cosine search) and answers grounded in it.
+
+`index` builds and searches, `qa` answers with a chat model, `commands` holds `lmforge index` and `ask`.
+"""
 
 from .index import MAX_CHUNKS, Hit, Index, build_index, chunk_text
 from .qa import Answer, answer

@@ -71,15 +71,15 @@ def build_index(docs: str | Path | list[str | Path], out: str | Path, embed_mode
                 chunk_words: int = 120, overlap_words: int = 30, device: str | None = None,
                 progress: bool = False, batch_size: int = 32) -> dict[str, Any]:
     """Chunk every text file under ``docs``, embed the chunks, write the index to ``out``; returns index.json."""
-    from ..train.corpus import _expand, _open
+    from ..train.corpus import expand_inputs, open_text
 
     inputs = docs if isinstance(docs, list) else [docs]
     roots = [Path(d).expanduser() for d in inputs]
-    files = _expand(roots)
+    files = expand_inputs(roots)
     records: list[dict[str, Any]] = []
     n_files = 0
     for f in files:
-        with _open(f) as fh:
+        with open_text(f) as fh:
             text = fh.read()
         root = next((r for r in roots if r.is_dir() and f.is_relative_to(r)), None)
         source = str(f.relative_to(root)) if root is not None else f.name

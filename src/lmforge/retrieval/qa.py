@@ -40,7 +40,7 @@ def answer(lm: Any, index: Index, question: str, k: int = 3, params: SamplingPar
     """Retrieve k chunks for the question and answer it with the chat model ``lm`` (an `lmforge.LM`)."""
     if lm.is_encoder:
         raise LMForgeError("ask needs a chat (decoder) model for --model, not an encoder")
-    params = params or SamplingParams(temperature=0.0, max_tokens=256)
+    params = params or SamplingParams(temperature=0.0)
     hits = index.search(question, k=k)
     budget = None
     ids = lm.chat_prompt(build_messages(question, hits))

@@ -1,4 +1,13 @@
-"""`lmforge serve`: an OpenAI-compatible HTTP server with continuous batching and a web chat page."""
+"""`lmforge serve`: an OpenAI-compatible HTTP server with continuous batching and a web chat page.
+
+- `app`: the FastAPI app and its routes.
+- `edge`: every request checked once, and turned into token rows and `SamplingParams`.
+- `generation`: the one generation path of chat and completions (collect choices or stream chunks).
+- `formatting`: OpenAI's response, chunk and logprob shapes; errors as HTTP answers.
+- `server`: the engine (`LM.configure_engine`), scheduler and metrics; prompt scoring and embeddings.
+- `scheduler`: the thread that drives the engine step by step. `gate`: keys, body limits and errors.
+- `schemas`: request bodies. `structured`: JSON-schema constrained decoding. `metrics`: Prometheus counters.
+"""
 
 from .app import create_app, model_name_for, serve
 from .gate import ServerConfig

@@ -203,7 +203,7 @@ class Scheduler:
             return
         for i, (prompt, params, constraint) in enumerate(zip(job.prompts, job.params, job.constraints)):
             try:
-                seq = self.engine.add(prompt, params)
+                seq = self.engine.enqueue(prompt, params)  # checked at the server's edge
             except Exception:
                 self._release(len(job.prompts) - i)  # the ones never added; the added ones via _fail_job
                 raise

@@ -140,8 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from .distributed import barrier, setup_distributed
+    from .loop import latest_checkpoint
     from .presets import PRESETS
-    from .pretrain import TrainConfig, Trainer, barrier, latest_checkpoint, setup_distributed
+    from .pretrain import TrainConfig, Trainer
 
     recipe: dict[str, Any] = {}
     if args.preset:

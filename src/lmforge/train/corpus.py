@@ -22,7 +22,8 @@ _MAX_DOC_CHARS = 1 << 16  # plain text is cut into paragraphs, at most this long
 _CHUNK_CHARS = 1 << 16  # documents of plain text come in line-aligned pieces of about this size
 
 
-def _open(path: Path) -> IO[str]:
+def open_text(path: Path) -> IO[str]:
+    """A text file for reading, decompressed by its suffix (.gz, .bz2); undecodable bytes are replaced."""
     name = path.name.lower()
     opener: Any = gzip.open if name.endswith(".gz") else bz2.open if name.endswith(".bz2") else open
     return opener(path, "rt", encoding="utf-8", errors="replace", newline="")
@@ -34,13 +35,13 @@ def _is_jsonl(path: Path) -> bool:
 
 def _looks_binary(path: Path) -> bool:
     try:
-        with _open(path) as f:
+        with open_text(path) as f:
             return "\0" in f.read(8192)
     except (OSError, EOFError):  # e.g. a corrupt .gz
         return True
 
 
-def _expand(inputs: Iterable[str | Path]) -> list[Path]:
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """Files, directories (recursively; hidden entries and binary files skipped) and glob patterns."""
     files: list[Path] = []
     missing: list[str] = []
@@ -92,7 +93,7 @@ def _empty(inputs: list[Any], text_field: str) -> LMForgeError:
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[str]:
-    with _open(path) as f:
+    with open_text(path) as f:
         if _is_jsonl(path):
             yield from _jsonl_texts(path, f, text_field)
             return
@@ -115,7 +116,7 @@ def iter_texts(inputs: Iterable[str | Path], text_field: str = "text") -> Iterat
     `LMForgeError` once exhausted.
     """
     inputs = list(inputs)
-    files = _expand(inputs)
+    files = expand_inputs(inputs)
 
     def gen() -> Iterator[str]:
         empty = True
@@ -135,12 +136,12 @@ def iter_documents(inputs: Iterable[str | Path], text_field: str = "text") -> It
     """(starts_a_document, text) pieces: a JSONL record is one document; a text file is one document,
     read in line-aligned pieces so a large file never sits in memory whole. Paths are checked at once."""
     inputs = list(inputs)
-    files = _expand(inputs)
+    files = expand_inputs(inputs)
 
     def gen() -> Iterator[tuple[bool, str]]:
         empty = True
         for path in files:
-            with _open(path) as f:
+            with open_text(path) as f:
                 if _is_jsonl(path):
                     for text in _jsonl_texts(path, f, text_field):
                         empty = False

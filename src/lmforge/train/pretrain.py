@@ -1,8 +1,9 @@
-"""The pretraining loop: next-token prediction on prepared token shards, with exact resume.
+"""Pretraining: a fresh model trained on prepared token shards (next-token or masked-token prediction).
 
-One loop for one process and for many: under `torchrun` every process joins the process group and
-trains a slice of each global batch, with DDP (replicated weights) or FSDP2 (`fully_shard`, sharded
-weights, gradients and optimizer state). Only rank 0 logs and writes.
+`Trainer` plugs the `TokenPrediction` objective and the `TokenStream` of random windows into the shared
+training loop (`train.loop`), which steps, evaluates, checkpoints and resumes exactly. Under `torchrun`
+every process trains a slice of each global batch, with DDP (replicated weights) or FSDP2
+(`fully_shard`, sharded weights, gradients and optimizer state). Only rank 0 logs and writes.
 
 Checkpoints are HF directories (config.json + model.safetensors, plus the data's tokenizer.json) with
 the trainer state beside them (optimizer, step, RNG), so a checkpoint is also a model every lmforge
@@ -12,12 +13,9 @@ parameter name), so a checkpoint resumes in one process, under DDP or under FSDP
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -37,14 +34,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import LMForgeError
-from ..formats import default_device
 from ..formats.export import write_hf
-from ..fsutil import atomic_dir, atomic_file, read_json, remove_dir, sweep_leftovers
+from ..fsutil import read_json
 from ..model import ModelConfig, Transformer
 from ..tokenizer import Tokenizer
 from .data import load_split
-
-TRAINER_STATE = "trainer.pt"
+from .distributed import DistInfo, mean_over_ranks, parallelize, setup_distributed
+from .loop import OptimConfig, TrainLoop, autocast, make_optimizer, use_bf16
 
 
 @dataclass
@@ -97,18 +93,11 @@ class TrainConfig:
             if int(getattr(self, name)) < 0:
                 raise LMForgeError(f"{name} must be zero or positive, got {getattr(self, name)}")
 
-
-def learning_rate(cfg: TrainConfig, it: int) -> float:
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
-    if cfg.schedule == "wsd":
-        decay_start = int(0.8 * cfg.max_iters)
-        if it < decay_start:
-            return cfg.lr
-        frac = (it - decay_start) / max(1, cfg.max_iters - decay_start)
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - frac)
-    frac = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, max_iters=self.max_iters, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
+                           schedule=self.schedule, weight_decay=self.weight_decay, betas=self.betas,
+                           grad_clip=self.grad_clip, grad_accum=self.grad_accum, eval_every=self.eval_interval,
+                           save_every=self.save_interval, keep_last=self.keep_last)
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
@@ -129,56 +118,6 @@ def matmul_peak(device: torch.device, n: int = 1024, reps: int = 5) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms, biases) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # Fused kernels on CUDA; FSDP's sharded (DTensor) parameters take the default multi-tensor path.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not cfg.fsdp)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str | None = None) -> tuple[DistInfo, torch.device]:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); a no-op outside torchrun."""
-    base = torch.device(device) if device else default_device()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistInfo(), base
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if base.type == "cuda":
-        base = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(base)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
-    return info, base
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over the ranks of a torchrun job (every rank must call this); unchanged when alone."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values = values / dist.get_world_size()
-    return values
 
 
 class Batches:
@@ -256,51 +195,66 @@ def _word_starts(tok: Tokenizer, vocab_size: int) -> torch.Tensor:
     return out
 
 
-def checkpoints(out: Path) -> list[Path]:
-    """A run directory's complete checkpoints (those with trainer state), oldest first."""
-    return sorted(p for p in out.glob("step_*") if (p / TRAINER_STATE).exists())
+class TokenStream:
+    """The training split as a `DataSource`: this rank's (inputs, targets) on the device, masked for MLM."""
+
+    def __init__(self, batches: Batches, device: torch.device, masking: Masking | None) -> None:
+        self.batches, self.device, self.masking = batches, device, masking
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches.next(self.device, self.masking)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_rng": self.batches.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.gen.set_state(state["data_rng"])
 
 
-def prune_checkpoints(out: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints; an interrupted deletion leaves no `step_*` behind."""
-    for old in checkpoints(out)[:-keep_last]:
-        remove_dir(old)
+class TokenPrediction:
+    """The pretraining objective: cross-entropy on the next token (clm) or on the masked tokens (mlm);
+    evaluated on fixed validation windows, with bits per byte for clm."""
+
+    def __init__(self, cfg: TrainConfig, meta: dict[str, Any], val: np.ndarray | None, masking: Masking | None,
+                 info: DistInfo, device: torch.device, bf16: bool) -> None:
+        self.cfg, self.meta, self.val, self.masking = cfg, meta, val, masking
+        self.info, self.device, self.bf16 = info, device, bf16
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch
+        with autocast(self.device, self.bf16):
+            logits = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100), {}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean validation loss over eval_iters fixed windows, and bits per byte."""
+        if self.val is None:
+            return {}
+        batches = Batches(self.val, self.cfg, 0, self.info.rank, self.info.world)  # the same windows each time
+        losses = torch.stack([self.loss(model, batches.next(self.device, self.masking))[0]
+                              for _ in range(self.cfg.eval_iters)])
+        loss = float(mean_over_ranks(losses.mean()).item())
+        out = {"val_loss": loss}
+        n_bytes, tokens = self.meta.get("bytes"), self.meta["train"]["tokens"] + self.meta["val"]["tokens"]
+        if n_bytes and tokens and self.masking is None:  # nats/token -> bits/byte, with the corpus's tokens/byte
+            out["val_bpb"] = loss / math.log(2) * tokens / n_bytes
+        return out
 
 
-def clean_run_dir(out: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Remove what a killed run left in its directory (and say so); returns what went.
+class Trainer(TrainLoop):
+    """A pretraining run: a fresh model from TrainConfig, trained on a prepared data directory."""
 
-    That is checkpoint staging and half-done swaps and prunings (see `fsutil.sweep_leftovers`), and
-    `step_*` directories without trainer state, which no complete save leaves (earlier versions' prunings
-    deleted checkpoints in place).
-    """
-    if not out.is_dir():
-        return []
-    gone = sweep_leftovers(out, r"step_\d+|final|metrics\.jsonl")
-    for p in out.glob("step_*"):
-        if re.fullmatch(r"step_\d+", p.name) and p.is_dir() and not (p / TRAINER_STATE).exists():
-            remove_dir(p)
-            gone.append(p)
-    if gone:
-        log(f"removed {len(gone)} leftover(s) of an interrupted run from {out}")
-    return gone
+    out: Path
 
-
-def latest_checkpoint(out: Path) -> Path:
-    """The checkpoint `--resume` continues from; a one-line error when there is none."""
-    ckpts = checkpoints(out)
-    if not ckpts:
-        raise LMForgeError(f"nothing to resume: no checkpoint in {out}")
-    return ckpts[-1]
-
-
-class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.optim = cfg.optim()
         self.dist, self.device = setup_distributed(cfg.device)
         self.log = log if self.dist.main else (lambda s: None)
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.progress = self.dist.main
+        self.bf16 = use_bf16(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain run on tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -312,7 +266,6 @@ class Trainer:
         self.model_cfg = ModelConfig.from_dict({"vocab_size": self.meta["vocab_size"],
                                                 "context_length": cfg.block_size, **cfg.model})
         self.out = Path(cfg.out)
-        self.step = 0
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(self.model_cfg).to(self.device)
         self.model.init_weights()
@@ -320,30 +273,16 @@ class Trainer:
         if cfg.compile:  # block by block: FSDP's hooks sit between blocks, and every block is the same graph
             for layer in self.model.layers:
                 layer.compile()
-        self.ddp: torch.nn.Module | None = None
-        if self.dist.world > 1 and cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in self.model.layers:
-                fully_shard(layer)
-            fully_shard(self.model)
-        elif self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        self.opt = make_optimizer(self.model, cfg, self.device)
+        self.module = self.model
+        self.train_model = parallelize(self.model, self.dist, self.device, cfg.fsdp)
+        self.opt = make_optimizer(self.model, self.optim, self.device, sharded=cfg.fsdp)
         self.masking = self._masking() if cfg.objective == "mlm" else None
         self.train = Batches(load_split(data, "train"), cfg, cfg.seed, self.dist.rank, self.dist.world)
+        self.data = TokenStream(self.train, self.device, self.masking)
         val = load_split(data, "val")
-        self.val = val if len(val) > cfg.block_size + 1 else None
-        self.metrics = self.out / "metrics.jsonl"
-        self.last_eval: dict[str, float] = {}  # the latest evaluation fit ran
-        if self.dist.main:
-            clean_run_dir(self.out, self.log)
-        barrier()  # every rank sees the cleaned directory before choosing a checkpoint
-        if resume:
-            self._resume()
+        self.objective = TokenPrediction(cfg, self.meta, val if len(val) > cfg.block_size + 1 else None,
+                                         self.masking, self.dist, self.device, self.bf16)
+        self.start(resume)
 
     def _masking(self) -> Masking:
         from .tokenizer import MASK_TOKEN
@@ -361,43 +300,27 @@ class Trainer:
         return Masking(mask, mc.vocab_size, self.cfg.mask_prob, () if boundary is None else (int(boundary),),
                        _word_starts(tok, mc.vocab_size) if self.cfg.whole_word_mask else None)
 
-    def close(self) -> None:
-        """Leave the process group (torchrun); harmless otherwise."""
-        # Drop DDP first: freeing its reducer after the group is destroyed can free the group itself
-        # while holding the GIL, deadlocking against gloo's worker threads.
-        self.ddp = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    # -- state -------------------------------------------------------------------------------------------
-    def save(self) -> Path:
-        """Gather whole weights and optimizer state (a collective), then rank 0 writes the checkpoint."""
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoint_tensors(self) -> tuple[Any, Any]:
+        """Whole weights and optimizer state, gathered from the shards and keyed by parameter name."""
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.model, options=whole)
-        optim = get_optimizer_state_dict(self.model, self.opt, options=whole)
-        path = self.out / f"step_{self.step:07d}"
-        if self.dist.main:
-            with atomic_dir(path) as tmp:
-                write_hf(self.model, tmp, self.tokenizer, state_dict=weights)
-                torch.save({"step": self.step, "optimizer": optim,
-                            "torch_rng": torch.get_rng_state(), "data_rng": self.train.gen.get_state(),
-                            "model_config": dataclasses.asdict(self.model_cfg)}, tmp / TRAINER_STATE)
-                (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2),
-                                                       encoding="utf-8")
-            prune_checkpoints(self.out, self.cfg.keep_last)
-        barrier()
-        return path
+        return (get_model_state_dict(self.model, options=whole),
+                get_optimizer_state_dict(self.model, self.opt, options=whole))
 
-    def _resume(self) -> None:
-        from ..formats.hf import load_hf_weights
+    def write_checkpoint(self, tmp: Path, weights: Any) -> None:
+        write_hf(self.model, tmp, self.tokenizer, state_dict=weights)
+        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2), encoding="utf-8")
 
-        path = latest_checkpoint(self.out)
-        try:
-            state = torch.load(path / TRAINER_STATE, weights_only=True)  # our own file; never arbitrary pickles
-        except Exception as e:
-            raise LMForgeError(f"{path / TRAINER_STATE}: cannot read trainer state ({e})") from None
+    def run_state(self) -> dict[str, Any]:
+        return {"model_config": dataclasses.asdict(self.model_cfg)}
+
+    def check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         if state["model_config"] != dataclasses.asdict(self.model_cfg):
             raise LMForgeError(f"{path}: the checkpoint's model config differs from this run's; cannot resume")
+
+    def restore(self, path: Path, state: dict[str, Any]) -> None:
+        from ..formats.hf import load_hf_weights
+
         try:
             weights = dict(load_hf_weights(path, self.model_cfg))
         except Exception as e:
@@ -405,152 +328,42 @@ class Trainer:
         whole = StateDictOptions(full_state_dict=True)  # whole tensors in; each rank keeps its shard
         set_model_state_dict(self.model, weights, options=whole)
         set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=whole)
-        torch.set_rng_state(state["torch_rng"])
-        self.train.gen.set_state(state["data_rng"])
-        self.step = int(state["step"])
-        if self.dist.main and self.metrics.exists():  # forget metrics logged after the checkpoint
-            kept = [line for line in self.metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            with atomic_file(self.metrics) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.log(f"resumed from {path} at step {self.step}")
 
-    # -- loop ----------------------------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
-        with self._autocast():
-            logits = (model or self.model)(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over eval_iters fixed windows, and bits per byte."""
-        if self.val is None:
-            return {}
-        self.model.eval()
-        batches = Batches(self.val, self.cfg, 0, self.dist.rank, self.dist.world)  # the same windows each time
-        losses = torch.stack([self.loss(*batches.next(self.device, self.masking))
-                              for _ in range(self.cfg.eval_iters)])
-        self.model.train()
-        loss = float(mean_over_ranks(losses.mean()).item())
-        out = {"val_loss": loss}
-        n_bytes, tokens = self.meta.get("bytes"), self.meta["train"]["tokens"] + self.meta["val"]["tokens"]
-        if n_bytes and tokens and self.masking is None:  # nats/token -> bits/byte, with the corpus's tokens/byte
-            out["val_bpb"] = loss / math.log(2) * tokens / n_bytes
-        return out
-
+    # -- logging --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, temperature: float = 0.8, top_k: int = 50) -> list[str]:
         """A few generations from a document boundary, to read progress (seeded: no effect on training)."""
+        from ..engine.sampling import SamplerState, SamplingParams, choice_seed
+
         start = self.meta.get("boundary_token_id")
         if not self.cfg.samples or self.tokenizer is None or start is None or self.masking is not None:
             return []
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        x = torch.full((self.cfg.samples, 1), int(start), dtype=torch.long, device=self.device)
-        self.model.eval()
-        for _ in range(self.cfg.sample_tokens):  # no KV cache: a handful of short samples, readable code
-            with self._autocast():
-                logits = self.model(x[:, -self.cfg.block_size:])[:, -1].float().cpu() / temperature
-            top = torch.topk(logits, min(top_k, logits.size(-1)))
-            choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=gen)
-            x = torch.cat([x, top.indices.gather(1, choice).to(self.device)], dim=1)
-        self.model.train()
+        n, cpu = self.cfg.samples, torch.device("cpu")
+        states = [SamplerState(SamplingParams(max_tokens=max(1, self.cfg.sample_tokens), temperature=temperature,
+                                              top_k=top_k, seed=choice_seed(self.cfg.seed, i)),
+                               [int(start)], self.model_cfg.vocab_size, cpu) for i in range(n)]
+        x = torch.full((n, 1), int(start), dtype=torch.long, device=self.device)
+        with self.eval_mode():
+            for _ in range(self.cfg.sample_tokens):  # no KV cache: a handful of short samples, readable code
+                with autocast(self.device, self.bf16):
+                    logits = self.model(x[:, -self.cfg.block_size:])[:, -1].float().cpu()
+                picked = [[s.sample(row)] for s, row in zip(states, logits)]
+                x = torch.cat([x, torch.tensor(picked, device=self.device)], dim=1)
         return [self.tokenizer.decode(row[1:].tolist()) for row in x]
 
-    def fit(self, until: int | None = None) -> list[float]:
-        """Train to max_iters (or stop early at step `until`); returns the loss of each step taken."""
-        from tqdm import tqdm
+    def eval_samples(self) -> list[Any]:
+        return self.sample()  # every rank: under FSDP the forward pass is a collective
 
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.model.train()
-        losses: list[float] = []
-        bar = tqdm(total=self.cfg.max_iters, initial=self.step, desc="training", unit="step", leave=False,
-                   disable=None if self.dist.main else True)
+    def fit(self, until: int | None = None) -> list[float]:
         self.peak = matmul_peak(self.device) * self.dist.world
         self.flops_per_token = flops_per_token(self.model_cfg, sum(p.numel() for p in self.model.parameters()))
-        stop: list[int] = []
-        handlers = _on_signals(lambda signum, frame: stop.append(signum))
-        try:
-            interrupted = self._loop(bar, losses, stop, until)
-        finally:
-            _restore_signals(handlers)
-            bar.close()
-        if interrupted:  # the step just finished is saved, then the signal's usual effect follows
-            path = self.save()
-            self.log(f"stopped at step {self.step}; saved {path} (continue with --resume)")
-            raise KeyboardInterrupt
-        return losses
+        return super().fit(until)
 
-    def _loop(self, bar: Any, losses: list[float], stop: list[int], until: int | None) -> bool:
-        """Run steps; True when a signal stopped it (every rank agrees on the step it stops after)."""
+    def step_metrics(self, seconds: float) -> dict[str, float]:
         cfg = self.cfg
-        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world
-        train_model = self.ddp or self.model
-        t0 = time.time()
-        while self.step < min(cfg.max_iters, until or cfg.max_iters):
-            lr = learning_rate(cfg, self.step)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            total = torch.zeros((), device=self.device)
-            for micro in range(cfg.grad_accum):
-                last = micro == cfg.grad_accum - 1
-                if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
-                    self.model.set_requires_gradient_sync(last)
-                sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-                with sync:
-                    loss = self.loss(*self.train.next(self.device, self.masking), train_model) / cfg.grad_accum
-                    loss.backward()
-                total += loss.detach()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            # One collective per step: the mean loss for the log, and whether any rank was signalled.
-            stats = mean_over_ranks(torch.stack([total.float(), torch.tensor(float(bool(stop)), device=self.device)]))
-            loss_value, interrupted = float(stats[0]), bool(stats[1] > 0)
-            losses.append(loss_value)
-            tok_s = tokens_per_step / max(time.time() - t0, 1e-9)
-            record: dict[str, Any] = {"step": self.step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
-                                      "mfu": tok_s * self.flops_per_token / self.peak}
-            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                self.last_eval = self.evaluate()
-                record |= self.last_eval
-                samples = self.sample()
-                if samples:
-                    record["samples"] = samples
-                    for text in samples:
-                        self.log(f"sample at step {self.step}: {text!r}")
-            if self.dist.main:
-                with self.metrics.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
-            bar.update(1)
-            if interrupted:
-                return True
-            if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters:
-                self.save()
-            t0 = time.time()
-        return False
+        tok_s = cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world / max(seconds, 1e-9)
+        return {"tokens_per_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak}
 
-
-def _on_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
-    """Route SIGINT/SIGTERM to `handler` (main thread only); returns the previous handlers."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signals(previous: dict[int, Any]) -> None:
-    import signal
-
-    for s, h in previous.items():
-        signal.signal(s, h)
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}",
+                "mfu": f"{100 * record['mfu']:.1f}%"}

@@ -16,17 +16,13 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import LMForgeError
 from ..fsutil import atomic_dir
-from ..tokenizer import CHATML_TEMPLATE, Tokenizer
+from ..tokenizer import CHATML_TEMPLATE, GPT4_SPLIT, Tokenizer
 from .corpus import iter_texts
 
 # The document boundary first; ChatML and tool-call markers for chat tuning; a mask for masked-LM pretraining.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<|mask|>"]
 MASK_TOKEN = "<|mask|>"
 CHAR_UNK = "<unk>"  # char-level only: characters never seen in training
-GPT4_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
 MODEL_MAX_LENGTH = 2048
 _MAX_HELD_OUT_CHARS = 8 << 20  # held-out text kept in memory for evaluation
 

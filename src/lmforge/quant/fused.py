@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from ..model.blocks import RMSNorm
 from . import kernels
-from .blocks import RMSNorm
-from .quant import PackedLinear
+from .packed import PackedLinear
+
+if TYPE_CHECKING:
+    from .accel import DecodeKVStore
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 # model -> (state, plan). Kept beside the model rather than on it: ctypes arrays of raw pointers must not
@@ -37,7 +40,8 @@ class _Layer(ctypes.Structure):
 
 
 def _linear(lin: Any) -> _PW | None:
-    if not isinstance(lin, PackedLinear) or lin.packed is None or lin.weight._version != lin._version:
+    if not isinstance(lin, PackedLinear) or lin.weight is None or lin.packed is None \
+            or lin.weight._version != lin._version:
         return None
     w = lin.packed
     if not all(t.is_contiguous() for t in (w.codes, w.scale, w.zero)):
@@ -65,7 +69,7 @@ def plan(model: Any) -> Any:
     they don't qualify."""
     cfg = model.cfg
     if (cfg.norm != "rmsnorm" or cfg.norm_position != "pre" or cfg.mlp != "swiglu" or cfg.activation != "silu"
-            or cfg.position != "rope" or kernels.lib() is None or not kernels.ACT16):
+            or cfg.position != "rope" or kernels.lib() is None or not kernels.act16()):
         return None
     state = _state(model)
     cached = _plans.get(model)
@@ -84,8 +88,8 @@ def plan(model: Any) -> Any:
     return arr
 
 
-def decode_stack(model: Any, layers: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any
-                 ) -> torch.Tensor:
+def decode_stack(model: Any, layers: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 cache: DecodeKVStore) -> torch.Tensor:
     """Run every block on the decode step's hidden states x [b, 1, dim] (updated in place and returned)."""
     cfg = model.cfg
     slots, pos = cache.decode_rows

@@ -1,37 +1,30 @@
-"""Text classification fine-tuning: a linear head on a pooled encoder (or a decoder's last token).
+"""Sequence classification: a linear head on a pooled encoder (or a decoder's last token).
 
-The whole network is fine-tuned. The output directory is an HF model directory (the fine-tuned base,
-which every lmforge command loads) plus ``classifier.json`` (labels, pooling, metrics) and
-``classifier.safetensors`` (the head).
+A classifier directory is an HF model directory (the fine-tuned base, which every lmforge command loads)
+plus ``classifier.json`` (labels, pooling, metrics) and ``classifier.safetensors`` (the head); `finetune`
+trains one.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-import random
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..embeddings import encode_texts, pad_batch, pad_id, pool, read_pooling
 from ..errors import LMForgeError
 from ..formats import load_checkpoint
 from ..formats.export import write_hf
 from ..fsutil import atomic_dir, read_json
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .pretrain import TrainConfig, learning_rate, make_optimizer
+from .pooling import encode_texts, pad_batch, pad_id, pool, read_pooling
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -79,7 +72,7 @@ def read_labelled(path: str | Path, text_field: str, label_field: str) -> list[t
     return out
 
 
-def _label_names(labels: Sequence[str]) -> list[str]:
+def label_names(labels: Sequence[str]) -> list[str]:
     names = set(labels)
     try:  # numeric labels in numeric order (so "0", "1", ... "10" keep their meaning)
         return sorted(names, key=float)
@@ -113,42 +106,6 @@ def default_pooling(path: Path, base: Transformer) -> str:
     return read_pooling(path).mode
 
 
-@dataclass
-class ClassifyConfig:
-    epochs: float = 1.0
-    batch_size: int = 32
-    lr: float = 5e-5
-    warmup_fraction: float = 0.06
-    weight_decay: float = 0.01
-    max_length: int = 128
-    max_train: int | None = None  # use at most this many training examples (a random subset)
-    max_eval: int | None = None
-    dropout: float = 0.1
-    seed: int = 0
-    pooling: str | None = None  # None: see default_pooling
-    # The token embedding is half of a small encoder; its dense gradient and AdamW update dominate a CPU
-    # step while barely moving accuracy, so it is frozen by default.
-    freeze_embeddings: bool = True
-
-    def validate(self) -> None:
-        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0 or self.max_length < 2:
-            raise LMForgeError("epochs, batch size, lr must be positive and max_length at least 2")
-
-
-def _batches(rows: list[list[int]], ys: list[int], batch_size: int, rng: random.Random
-             ) -> list[tuple[list[list[int]], list[int]]]:
-    """One shuffled epoch of batches. Examples are grouped by length within windows of 50 batches, so a
-    batch pads to a similar length (several times less wasted compute on short-text data such as SST-2)
-    while batch order and membership stay random."""
-    idx = list(range(len(rows)))
-    rng.shuffle(idx)
-    window = 50 * batch_size
-    idx = [i for w in range(0, len(idx), window) for i in sorted(idx[w:w + window], key=lambda i: len(rows[i]))]
-    batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
-    rng.shuffle(batches)
-    return [([rows[i] for i in b], [ys[i] for i in b]) for b in batches]
-
-
 def metrics(pred: Sequence[int], gold: Sequence[int], n_labels: int) -> dict[str, float]:
     """Accuracy and macro-averaged F1 (for two labels, also the F1 of the second, 'positive' one)."""
     p, g = np.asarray(pred), np.asarray(gold)
@@ -162,7 +119,8 @@ def metrics(pred: Sequence[int], gold: Sequence[int], n_labels: int) -> dict[str
     return out
 
 
-def _predict_logits(clf: SequenceClassifier, rows: list[list[int]], pid: int, batch_size: int) -> torch.Tensor:
+def predict_logits(clf: SequenceClassifier, rows: list[list[int]], pid: int, batch_size: int) -> torch.Tensor:
+    """[n, n_labels] logits, batched by length; the classifier's train/eval mode is restored."""
     dev = next(clf.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.zeros(len(rows), len(clf.labels))
@@ -175,88 +133,6 @@ def _predict_logits(clf: SequenceClassifier, rows: list[list[int]], pid: int, ba
             out[idx] = clf(ids, mask).float().cpu()
     clf.train(was)
     return out
-
-
-def finetune_classifier(model: str | Path, train_file: str | Path, eval_file: str | Path | None, out: str | Path,
-                        text_field: str = "text", label_field: str = "label", cfg: ClassifyConfig | None = None,
-                        device: str | None = None, log: Callable[[str], None] = print,
-                        progress: bool = False) -> dict[str, Any]:
-    """Fine-tune MODEL (registry name, HF dir or .gguf) on labelled text; write OUT; return the report."""
-    from tqdm import tqdm
-
-    from ..registry import resolve
-
-    cfg = cfg or ClassifyConfig()
-    cfg.validate()
-    train = read_labelled(train_file, text_field, label_field)
-    evals = read_labelled(eval_file, text_field, label_field) if eval_file else []
-    rng = random.Random(cfg.seed)
-    if cfg.max_train and len(train) > cfg.max_train:
-        train = rng.sample(train, cfg.max_train)
-    if cfg.max_eval and len(evals) > cfg.max_eval:
-        evals = rng.sample(evals, cfg.max_eval)
-    labels = _label_names([y for _, y in train])
-    if len(labels) < 2:
-        raise LMForgeError(f"{train_file}: column {label_field!r} has only one label ({labels[0]!r}); need two or more")
-    unseen = sorted({y for _, y in evals} - set(labels))
-    if unseen:
-        raise LMForgeError(f"{eval_file}: labels {', '.join(map(repr, unseen[:5]))} do not occur in the training file")
-    index = {name: i for i, name in enumerate(labels)}
-
-    path = resolve(str(model))
-    torch.manual_seed(cfg.seed)
-    ck = load_checkpoint(path, device=device, dtype=torch.float32, packed=False)
-    if ck.tokenizer is None:
-        raise LMForgeError(f"{path}: the model has no tokenizer")
-    tok, base = ck.tokenizer, ck.model
-    pooling = cfg.pooling or default_pooling(path, base)
-    clf = SequenceClassifier(base, labels, pooling, cfg.dropout)
-    base.tok_emb.weight.requires_grad_(not cfg.freeze_embeddings)
-    max_len = min(cfg.max_length, base.cfg.context_length)
-    train_rows = encode_texts(tok, [t for t, _ in train], max_len)
-    train_ys = [index[y] for _, y in train]
-    eval_rows = encode_texts(tok, [t for t, _ in evals], max_len) if evals else []
-    eval_ys = [index[y] for _, y in evals]
-
-    steps = max(1, math.ceil(cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)))
-    # The pretraining schedule and optimizer groups, reused: warmup then cosine decay to 10% of lr.
-    tc = TrainConfig(data="", out=str(out), lr=cfg.lr, min_lr=cfg.lr * 0.1, max_iters=steps,
-                     warmup_iters=int(cfg.warmup_fraction * steps), weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    dev = next(base.parameters()).device
-    opt = make_optimizer(clf, tc, dev)
-    pid = pad_id(tok)
-    log(f"fine-tuning {sum(p.numel() for p in clf.parameters()) / 1e6:.1f}M parameters on {len(train_rows)} "
-        f"examples, {len(labels)} labels, {steps} steps (pooling: {pooling})")
-    clf.train()
-    t0 = time.perf_counter()
-    step, losses = 0, []
-    with tqdm(total=steps, desc="fine-tuning", disable=not progress, leave=False, file=sys.stderr) as bar:
-        while step < steps:
-            for xs, ys in _batches(train_rows, train_ys, cfg.batch_size, rng):
-                if step >= steps:
-                    break
-                lr = learning_rate(tc, step)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                ids, mask = pad_batch(xs, pid, dev)
-                loss = F.cross_entropy(clf(ids, mask), torch.tensor(ys, device=dev))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
-                opt.step()
-                losses.append(loss.item())
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    train_seconds = time.perf_counter() - t0
-    report: dict[str, Any] = {"examples": len(train_rows), "steps": steps, "train_seconds": round(train_seconds, 1),
-                              "final_loss": float(np.mean(losses[-50:]))}
-    if eval_rows:
-        pred = _predict_logits(clf, eval_rows, pid, 64).argmax(-1).tolist()
-        report["eval"] = metrics(pred, eval_ys, len(labels)) | {"examples": len(eval_rows)}
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    save_classifier(clf, tok, out, max_len, {"base_model": str(model), "settings": asdict(cfg)} | report)
-    return report
 
 
 def save_classifier(clf: SequenceClassifier, tok: Tokenizer, out: str | Path, max_length: int,
@@ -298,7 +174,7 @@ class Classifier:
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """[n, n_labels] class probabilities, columns in `labels` order."""
         rows = encode_texts(self.tokenizer, list(texts), int(self.meta["max_length"]))
-        return _predict_logits(self.clf, rows, pad_id(self.tokenizer), batch_size).softmax(-1).numpy()
+        return predict_logits(self.clf, rows, pad_id(self.tokenizer), batch_size).softmax(-1).numpy()
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         return [self.labels[i] for i in self.probabilities(texts).argmax(-1)]

@@ -21,29 +21,47 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .quant import PackedWeight
+    from .packed import PackedWeight
 
 GROUP = 32  # weights per quantization group (GGUF's block size)
 MAX_ROWS = 16  # rows the packed products take; larger batches are compute-bound and go to dense matmuls
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
-# Packed products round each group of 32 activations to int16 (scale = group max / 32767), so integer
-# multiply-adds do the work: ~1.2x faster decoding. That is finer than the bf16 activations of GPU
-# inference (logits move by ~1e-2 of ~20); LMFORGE_ACT16=0 keeps exact fp32 activations (~1e-5).
-ACT16 = os.environ.get("LMFORGE_ACT16", "1") == "1"
+_build_dir: Path | None = None  # where `lib` compiles and caches the library; set by `use_build_dir`
+
+
+def act16() -> bool:
+    """Whether packed products round each group of 32 activations to int16 (scale = group max / 32767), so
+    integer multiply-adds do the work: ~1.2x faster decoding. That is finer than the bf16 activations of
+    GPU inference (logits move by ~1e-2 of ~20); LMFORGE_ACT16=0 keeps exact fp32 activations (~1e-5)."""
+    return os.environ.get("LMFORGE_ACT16", "1") == "1"
+
+
+def use_build_dir(directory: Path) -> None:
+    """Build and cache the library under `directory` (once one has loaded, it stays)."""
+    global _build_dir
+    if lib.cache_info().currsize and lib() is not None:
+        return
+    _build_dir = directory
+    lib.cache_clear()
+
+
+def load(directory: Path) -> ctypes.CDLL | None:
+    """`use_build_dir(directory)`, then the library (None where unavailable)."""
+    use_build_dir(directory)
+    return lib()
 
 
 @lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL | None:
-    """Compile (once, cached under $LMFORGE_HOME/kernels) and load the kernels; None where unavailable."""
-    if os.environ.get("LMFORGE_KERNELS", "1") == "0" or sys.platform != "linux":
+    """Compile (once, cached in the build directory) and load the kernels; None where unavailable, or
+    before `use_build_dir` named a directory."""
+    if _build_dir is None or os.environ.get("LMFORGE_KERNELS", "1") == "0" or sys.platform != "linux":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    from ..registry import home
-
     src = _SOURCE.read_bytes()
-    out = home() / "kernels" / f"kernels-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    out = _build_dir / f"kernels-{hashlib.sha256(src).hexdigest()[:16]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -91,10 +109,10 @@ def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     m = x.numel() // k
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     if w.kind == "q4":
-        fn = so.q4_gemv16 if ACT16 else so.q4_gemv
+        fn = so.q4_gemv16 if act16() else so.q4_gemv
         fn(x.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr(), y.data_ptr(), m, n, k, THREADS)
     else:
-        fn = so.q8_gemv16 if ACT16 else so.q8_gemv
+        fn = so.q8_gemv16 if act16() else so.q8_gemv
         fn(x.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), y.data_ptr(), m, n, k, THREADS)
     return y
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import GROUP, MAX_ROWS, fast_path, packed_matmul
+from .nf4 import DequantLinear
 
 
 @dataclass
@@ -37,8 +38,12 @@ class PackedWeight:
         return self.codes.shape[0], self.scale.shape[1] * GROUP
 
     def dequantize(self) -> torch.Tensor:
-        # numpy: several times faster than torch's uint8 ops here, and loading does this per matrix.
         n, k = self.shape
+        if self.codes.device.type != "cpu":  # the same formula in torch ops, on the codes' device
+            t = self.codes.view(n, k // GROUP, -1)
+            q = torch.cat([t & 0x0F, t >> 4], dim=-1) if self.kind == "q4" else t
+            return (q.float() * self.scale[..., None] + self.zero[..., None]).view(n, k)
+        # numpy: several times faster than torch's uint8 ops here, and loading does this per matrix.
         c = self.codes.numpy().reshape(n, k // GROUP, -1)
         q = np.concatenate([c & 0x0F, c >> 4], axis=-1) if self.kind == "q4" else c
         w = q.astype(np.float32) * self.scale.numpy()[..., None] + self.zero.numpy()[..., None]
@@ -81,20 +86,64 @@ def use_packed(x: torch.Tensor, w: PackedWeight | None) -> bool:
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear (same parameters and state dict) that also holds the file's packed codes."""
+    """nn.Linear (same parameters and state dict) that also holds the file's packed codes.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight) -> None:
+    With a dense weight (what loading gives), the codes serve the few-row CPU products and the dense
+    weight everything else. Without one (`frozen`: QLoRA's base, no dense copy held), the layer is frozen
+    and every other product dequantizes the codes, in forward and again in backward.
+    """
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, packed: PackedWeight,
+                 dtype: torch.dtype | None = None) -> None:
         nn.Module.__init__(self)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
-        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.out_features, self.in_features = packed.shape
+        if weight is None:
+            self.weight = None
+            self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+            self.bias = nn.Parameter(bias) if bias is not None else None
+        self.dtype = dtype if weight is None or dtype is not None else weight.dtype
         self.packed: PackedWeight | None = packed
-        self._version = self.weight._version
+        self._version = self.weight._version if self.weight is not None else 0
+
+    @classmethod
+    def frozen(cls, packed: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> PackedLinear:
+        """A frozen layer that holds only the codes, computing in ``dtype``."""
+        return cls(None, bias, packed, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device if self.weight is not None else self.packed.codes.device  # type: ignore[union-attr]
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense [out, in] weight this layer computes with, in its compute dtype."""
+        if self.weight is not None:
+            return self.weight.detach()
+        return self.packed.dequantize().to(self.dtype)  # type: ignore[union-attr]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedLinear:
+        super()._apply(fn, recurse)
+        if self.weight is None:  # the codes are the weight: .to(device) moves them
+            p = self.packed
+            self.packed = PackedWeight(p.kind, fn(p.codes), fn(p.scale), fn(p.zero))  # type: ignore[union-attr]
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            if use_packed(x, self.packed):  # few-row CPU inference: the C kernel straight from the codes
+                y = packed_matmul(x, self.packed)  # type: ignore[arg-type]
+            else:
+                y = DequantLinear.apply(x, self)
+            return y + self.bias if self.bias is not None else y
         if self.packed is not None and self.weight._version != self._version:
             self.packed = None  # the dense weight was changed (e.g. fine-tuned): the codes are stale
         if not use_packed(x, self.packed):
             return F.linear(x, self.weight, self.bias)
         y = packed_matmul(x, self.packed)
         return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        if self.weight is None:
+            return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.packed.kind}"  # type: ignore[union-attr]
+        return super().extra_repr()

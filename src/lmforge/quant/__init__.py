@@ -1,0 +1,12 @@
+"""Stored-weight formats and CPU acceleration, beside the model core.
+
+packed.py: a GGUF file's Q4_0/Q4_1/Q8_0 block codes (`PackedWeight`) and the linear layer that keeps them
+(`PackedLinear`). nf4.py: QLoRA's 4-bit NormalFloat codes. kernels.py + csrc/kernels.c: the C kernels
+for CPU decoding, compiled on first use. fused.py: a decode step's whole block stack in one C call.
+accel.py: `accelerate`, the one call that installs all of it into a built model.
+"""
+
+from .accel import DecodeKVStore, accelerate
+from .packed import PackedLinear, PackedWeight, from_gguf_blocks
+
+__all__ = ["DecodeKVStore", "PackedLinear", "PackedWeight", "accelerate", "from_gguf_blocks"]
