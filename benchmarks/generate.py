@@ -5,6 +5,7 @@ printed ratios compare like with like on the same machine state. Absolute number
 are what to read.
 
     python benchmarks/generate.py [--model smollm2-135m-instruct] [--prompt-tokens 512] [--decode-tokens 256]
+    python benchmarks/generate.py --engines lmforge --device cuda   # lmforge alone, in the device's dtype (bf16)
 
 transformers runs twice: as its users get it, and with KMP_BLOCKTIME=0, the OpenMP setting lmforge
 applies to itself when it loads a model (without it, MKL's and OpenMP's thread pools spin against each other
@@ -34,11 +35,13 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
 
 
-def bench_lmforge(path: Path, prompt: list[int], short: list[int], n_decode: int) -> dict[str, float]:
+def bench_lmforge(path: Path, prompt: list[int], short: list[int], n_decode: int,
+                  device: str = "cpu") -> dict[str, float]:
     from lmforge.engine import Engine, SamplingParams
     from lmforge.formats import load_checkpoint
 
-    ck = load_checkpoint(path, device="cpu")
+    # Every step returns sampled tokens to the host, so CUDA timings include the device's work.
+    ck = load_checkpoint(path, device=device)
     eng = Engine(ck.model, ck.tokenizer, max_batch=8)
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     eng.generate([short], greedy)  # warm-up
@@ -120,7 +123,8 @@ def run_engine(name: str, args: argparse.Namespace) -> dict[str, float] | None:
         if v is not None:
             env[k] = v
     cmd = [sys.executable, __file__, "--engine", name, "--model", str(args.path), "--vocab", str(args.vocab),
-           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
+           "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(f"{name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -134,6 +138,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    ap.add_argument("--device", default="cpu", help="lmforge's device: cpu (default), cuda, cuda:N")
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine, print JSON
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,16 +146,19 @@ def main() -> None:
     if args.engine:
         path = Path(args.model)
         prompt, short = prompt_ids(args.vocab, args.prompt_tokens), prompt_ids(args.vocab, 16, seed=1)
-        result = globals()[ENGINES[args.engine][0]](path, prompt, short, args.decode_tokens)
+        extra = {"device": args.device} if args.engine == "lmforge" else {}
+        result = globals()[ENGINES[args.engine][0]](path, prompt, short, args.decode_tokens, **extra)
         print(json.dumps(result))
         return
 
     from lmforge.formats.gguf import GGUFFile
     from lmforge.registry import resolve
 
+    if args.device != "cpu" and args.engines != "lmforge":
+        raise SystemExit("--device applies to lmforge only: pass --engines lmforge with it")
     path = args.path = resolve(args.model)
     args.vocab = GGUFFile(path).config().vocab_size
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}" + (f"; lmforge on {args.device}" if args.device != "cpu" else ""))
     print(f"model: {path.name}; prefill {args.prompt_tokens} tokens; decode {args.decode_tokens} greedy tokens")
     results: dict[str, dict[str, float]] = {}
     for name in args.engines.split(","):
@@ -166,13 +174,13 @@ def main() -> None:
                ("decode_b8", "decode tok/s, batch 8")]
     peers = [p for p in results if p != "lmforge"]
     print()
-    print("| metric | " + " | ".join(results) + " | " + " | ".join(f"lmforge / {p}" for p in peers) + " |")
+    print("| " + " | ".join(["metric", *results, *(f"lmforge / {p}" for p in peers)]) + " |")
     print("|" + "---|" * (1 + len(results) + len(peers)))
     for key, label in metrics:
         ours = results["lmforge"].get(key)
         cells = [f"{r[key]:.1f}" if key in r else "n/a" for r in results.values()]
         ratios = [f"{ours / results[p][key]:.2f}x" if key in results[p] and ours else "n/a" for p in peers]
-        print(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        print("| " + " | ".join([label, *cells, *ratios]) + " |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ tokens over the wall time of the level) and time to first token (request sent ->
 delta), p50 and p99. Requests are greedy, `max_tokens` each, with distinct prompts.
 
     python benchmarks/serve.py [--model smollm2-135m-instruct] [--max-tokens 64] [--requests-per-slot 2]
+    python benchmarks/serve.py --engines lmforge --levels 1,16 --device cuda
 
 llama.cpp's OpenAI server (`pip install 'llama-cpp-python[server]'`) is measured when it imports; it
 serves one request at a time, so its aggregate stays near its single-stream speed.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -129,7 +131,10 @@ def main() -> None:
     ap.add_argument("--requests-per-slot", type=int, default=2, help="requests per concurrent client (default 2)")
     ap.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
     ap.add_argument("--engines", default="lmforge,llama.cpp")
+    ap.add_argument("--device", default=None, help="passed to `lmforge serve --device` (default: the server's)")
     args = ap.parse_args()
+    # A time limit's SIGTERM unwinds like Ctrl-C, so the `finally` below still stops the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     levels = [int(x) for x in args.levels.split(",")]
     from lmforge.registry import resolve
 
@@ -140,6 +145,8 @@ def main() -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(gguf), "--port", str(port),
                "--max-batch", str(max(levels)), "--max-queue", "256"]
+        if args.device:
+            cmd += ["--device", args.device]
         # ignore_eos: every request yields exactly max_tokens, so levels compare like with like
         results["lmforge"] = run_server("lmforge", cmd, port, gguf.name, levels, args,
                                         {"ignore_eos": True, "stream_options": {"include_usage": True}})
@@ -156,7 +163,8 @@ def main() -> None:
                    "--interrupt_requests", "False"]
             results["llama.cpp"] = run_server("llama.cpp", cmd, port, str(gguf), levels, args, {})
 
-    print(f"\nMachine: {machine()}. Model: {gguf.name}. {args.max_tokens} greedy tokens per request, "
+    where = f", lmforge on {args.device}" if args.device else ""
+    print(f"\nMachine: {machine()}{where}. Model: {gguf.name}. {args.max_tokens} greedy tokens per request, "
           f"{args.requests_per_slot} requests per concurrent client.\n")
     names = list(results)
     head = ["concurrency"] + [f"{n} {m}" for n in names for m in ("tok/s", "TTFT p50 ms", "TTFT p99 ms")]
