@@ -26,8 +26,8 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, model: str | Path, **cfg: object) -> None:
-        self.lm = lmforge.load(model)
+    def __init__(self, model: str | Path | lmforge.LM, **cfg: object) -> None:
+        self.lm = model if isinstance(model, lmforge.LM) else lmforge.load(model)  # an LM: served as it is
         self.cfg = ServerConfig(**({"model_name": "tiny"} | cfg))  # type: ignore[arg-type]
         self.app = create_app(self.lm, self.cfg)
         self.port = free_port()

@@ -156,16 +156,13 @@ def test_final_assistant_message_is_continued_on_request(srv):
                  max_tokens=2), "add_generation_prompt")
 
 
-def test_tools_are_refused_and_bookkeeping_fields_accepted(srv):
+def test_deprecated_functions_are_refused_and_bookkeeping_fields_accepted(srv):
+    # Tool calling itself is tested in test_tool_calling.py; the functions API it replaced is refused.
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    refused(chat(srv, max_tokens=2, tools=[tool]), "tools")
-    refused(chat(srv, max_tokens=2, tool_choice="auto"), "tool_choice")
-    refused(chat(srv, max_tokens=2, tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice")
     refused(chat(srv, max_tokens=2, functions=[tool["function"]]), "functions")
-    msgs = [{"role": "user", "content": "hi"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
-                                                                   "function": {"name": "f", "arguments": "{}"}}]}]
-    refused(post(srv, "/v1/chat/completions", messages=msgs, max_tokens=2), "messages.1.tool_calls")
+    refused(chat(srv, max_tokens=2, function_call="auto"), "function_call")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "function_call": {"name": "f"}}]
+    refused(post(srv, "/v1/chat/completions", messages=msgs, max_tokens=2), "messages.1.function_call")
     ok = chat(srv, max_tokens=2, tools=[], tool_choice="none", user="u", store=False, metadata={"a": "b"},
               service_tier="auto", parallel_tool_calls=False)
     assert ok.status_code == 200, ok.text

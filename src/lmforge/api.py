@@ -16,6 +16,7 @@ from .errors import LMForgeError
 from .formats import Checkpoint, load_checkpoint
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
+from .tools.calling import ToolChoice, assistant_message, check_tools, render, template_renders_tools
 
 Messages = list[dict[str, Any]]
 
@@ -31,6 +32,8 @@ class LM:
         self.adapter: Path | None = None  # a LoRA adapter applied on top of the weights at `path`
         self.engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch)
         self._pooling: Pooling | None = None
+        self._grammars: Any = None  # tool-call grammars, compiled for this tokenizer on first use
+        self._tool_grammars: dict[str, Any] = {}
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -104,23 +107,63 @@ class LM:
         """Yield text deltas as they are generated."""
         return self.engine.stream(self._prompt_ids(prompt), SamplingParams(**params))
 
-    def start(self, prompt: str | list[int], params: SamplingParams | None = None) -> Generation:
+    def start(self, prompt: str | list[int], params: SamplingParams | None = None, constraint: Any = None
+              ) -> Generation:
         """Queue one prompt (text or token ids) now, checked against the context; iterate the result for text
-        deltas, then read its finished `sequence` (text, finish reason, logprobs, error)."""
-        return Generation(self.engine, self.engine.add(self._prompt_ids(prompt), params))
+        deltas, then read its finished `sequence` (text, finish reason, logprobs, error). ``constraint``: a
+        decoding constraint (`tool_constraint`)."""
+        seq = self.engine.add(self._prompt_ids(prompt), params)
+        seq.constraint = constraint
+        return Generation(self.engine, seq)
 
-    def chat_prompt(self, messages: str | Messages, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def chat_prompt(self, messages: str | Messages, tools: list[dict[str, Any]] | ToolChoice | None = None
+                    ) -> list[int]:
+        """The conversation's prompt tokens; tools (OpenAI tool definitions) are rendered by the chat template
+        when it supports them, else in the built-in Hermes/Qwen format (`lmforge.tools.calling`)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return self.tokenizer.encode_chat(messages, tools=tools)
+        if not tools and not any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            return self.tokenizer.encode_chat(messages)
+        offered = (tools if isinstance(tools, ToolChoice) else check_tools(tools)).tools
+        msgs, offered = render(messages, offered, template_renders_tools(self.tokenizer.chat_template))
+        return self.tokenizer.encode_chat(msgs, tools=offered)
+
+    def tool_constraint(self, choice: ToolChoice) -> Any:
+        """The decoding constraint that keeps every tool call valid (None when calls are not parsed)."""
+        if not choice.constrained:
+            return None
+        from .engine.structured import JsonGrammars
+        from .tools.grammar import SPAN, call_grammar
+
+        if self._grammars is None:
+            self._grammars = JsonGrammars(self.tokenizer, self.config.vocab_size)
+        lark = call_grammar(choice.functions, choice.mode, choice.parallel)
+        if lark not in self._tool_grammars:
+            self._tool_grammars[lark] = self._grammars.compile_lark(lark, SPAN, choice.parallel)
+        return self._grammars.constraint(self._tool_grammars[lark])
 
     def chat(self, messages: str | Messages, stream: bool = False, tools: list[dict[str, Any]] | None = None,
-             **params: Any) -> str | Iterator[str]:
-        """Answer a conversation (or a single user message) using the model's chat template."""
-        ids = self.chat_prompt(messages, tools)
+             tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool | None = None,
+             **params: Any) -> str | Iterator[str] | dict[str, Any]:
+        """Answer a conversation (or a single user message) using the model's chat template: the text (or, with
+        ``stream``, its deltas). With ``tools`` (OpenAI tool definitions; ``tool_choice`` and
+        ``parallel_tool_calls`` as in OpenAI's API) the answer is the assistant message in OpenAI's shape,
+        ``{"role": "assistant", "content": str | None, "tool_calls": [...]}`` (``tool_calls`` only when the
+        model called a tool), which can be appended to ``messages`` as it is."""
+        if tools is None and tool_choice is None:
+            ids = self.chat_prompt(messages)
+            if stream:
+                return self.engine.stream(ids, SamplingParams(**params))
+            return self.engine.generate([ids], SamplingParams(**params))[0].text
         if stream:
-            return self.engine.stream(ids, SamplingParams(**params))
-        return self.engine.generate([ids], SamplingParams(**params))[0].text
+            raise LMForgeError("chat: stream cannot be combined with tools (the answer is a message)")
+        choice = check_tools(tools, tool_choice, parallel_tool_calls)
+        gen = self.start(self.chat_prompt(messages, choice), SamplingParams(**params), self.tool_constraint(choice))
+        for _ in gen:
+            pass
+        if gen.sequence.error is not None:
+            raise gen.sequence.error
+        return assistant_message(gen.sequence.text, choice)
 
 
 class Generation:

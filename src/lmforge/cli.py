@@ -161,10 +161,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import run_chat
+    from .chat import load_tools, run_chat
 
     params = _sampling(args)
-    return run_chat(_load(args), params, system=args.system, interactive=sys.stdin.isatty())
+    tools = load_tools(args.tools, args.tool_choice) if args.tools or args.tool_choice else None
+    return run_chat(_load(args), params, system=args.system, interactive=sys.stdin.isatty(), tools=tools)
+
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -356,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a model (interactive, or answers piped stdin)")
     _add_model_opts(p, optional=True)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--tools", default=None, metavar="FILE.json",
+                   help="tools the model may call: a JSON list of OpenAI tool definitions")
+    p.add_argument("--tool-choice", default=None, metavar="auto|none|required|NAME",
+                   help="whether the model may (auto), must not (none) or must (required, or a function's "
+                        "name) call a tool; default auto with --tools")
     _add_adapter(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)

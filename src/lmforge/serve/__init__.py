@@ -6,7 +6,7 @@
 - `formatting`: OpenAI's response, chunk and logprob shapes; errors as HTTP answers.
 - `server`: the engine (`LM.configure_engine`), scheduler and metrics; prompt scoring and embeddings.
 - `scheduler`: the thread that drives the engine step by step. `gate`: keys, body limits and errors.
-- `schemas`: request bodies. `structured`: JSON-schema constrained decoding. `metrics`: Prometheus counters.
+- `schemas`: request bodies. `metrics`: Prometheus counters.
 """
 
 from .app import create_app, model_name_for, serve

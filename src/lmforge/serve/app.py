@@ -187,16 +187,18 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         server.check_generates()
         server.check_chat_size(req.messages)
+        tools = server.tool_choice(req)
         ids = await asyncio.to_thread(server.chat_ids, req.messages,  # template and tokenizer: off the loop
-                                      req.add_generation_prompt, req.continue_final_message)
+                                      req.add_generation_prompt, req.continue_final_message, tools)
         server.check_ids(ids, "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = server.budget(len(ids), requested, requested is not None, param, prompt_param="messages")
         params = [server.sampling(req, max_tokens, req.logprobs, req.top_logprobs or 0, i) for i in range(req.n)]
-        grammar = await asyncio.to_thread(server.grammar, req)
+        grammar = await asyncio.to_thread(server.tool_grammar, tools) if tools.constrained else \
+            await asyncio.to_thread(server.grammar, req)
         server.check_structured(req, grammar, max_tokens, param)
-        choices = ChatChoices(base("chatcmpl"), req.n, req.logprobs, server.token_text)
+        choices = ChatChoices(base("chatcmpl"), req.n, req.logprobs, server.token_text, tools)
         return await respond(server, request, [ids] * req.n, params, grammar, choices, stream=req.stream,
                              include_usage=bool(req.stream_options and req.stream_options.include_usage),
                              prompt_tokens=len(ids))

@@ -13,10 +13,12 @@ from typing import Any
 from ..api import LM
 from ..engine import SamplingParams
 from ..engine.sampling import choice_seed
+from ..engine.structured import Grammar
 from ..errors import LMForgeError
+from ..tools.calling import ToolCallError, ToolChoice, check_tools, render, template_renders_tools
+from ..tools.grammar import SPAN, call_grammar
 from .gate import APIError, ServerConfig
 from .schemas import ChatMessage, ResponseFormat
-from .structured import Grammar
 
 MAX_STOP = 16
 # Text longer than this many bytes per token of the context window cannot fit it (real tokens average a few
@@ -39,7 +41,8 @@ class Edge:
         self.max_text_bytes = self.ctx * MAX_BYTES_PER_TOKEN
         self._grammars: Any = None
         self._grammar_lock = threading.Lock()
-        self._grammar_cache: dict[str, str] = {}
+        self._grammar_cache: dict[str, Grammar] = {}
+        self.native_tools = template_renders_tools(self.tok.chat_template)
 
     # -- validation ------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -163,20 +166,42 @@ class Edge:
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
             schema = fmt.json_schema.schema_
-        key = json.dumps(schema, sort_keys=True)
+        return self._compiled(json.dumps(schema, sort_keys=True), lambda g: g.compile(schema), param)
+
+    def _compiled(self, key: str, build: Any, param: str) -> Grammar:
         with self._grammar_lock:
             if self._grammars is None:
-                from .structured import JsonGrammars
+                from ..engine.structured import JsonGrammars
 
                 self._grammars = JsonGrammars(self.tok, self.vocab)
             if key not in self._grammar_cache:
                 try:
-                    self._grammar_cache[key] = self._grammars.compile(schema)
+                    self._grammar_cache[key] = build(self._grammars)
                 except LMForgeError as e:
                     raise APIError(400, str(e), param=param) from None
                 if len(self._grammar_cache) > 256:
                     self._grammar_cache.pop(next(iter(self._grammar_cache)))
             return self._grammar_cache[key]
+
+    # -- function calling -------------------------------------------------------------------------------------
+    def tool_choice(self, req: Any) -> ToolChoice:
+        """The request's tools, checked (a 400 names the malformed field)."""
+        try:
+            choice = check_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except ToolCallError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        fmt = req.response_format
+        if choice.constrained and ((fmt is not None and fmt.type != "text") or req.guided_json is not None):
+            raise APIError(400, "a response format cannot be combined with tool calls (send tool_choice "
+                                "\"none\" to use it)", param="response_format")
+        return choice
+
+    def tool_grammar(self, choice: ToolChoice) -> Grammar | None:
+        """The grammar that makes every call valid (None when the output is not parsed for calls)."""
+        if not choice.constrained:
+            return None
+        lark = call_grammar(choice.functions, choice.mode, choice.parallel)
+        return self._compiled(lark, lambda g: g.compile_lark(lark, SPAN, choice.parallel), "tools")
 
     def check_structured(self, req: Any, grammar: Grammar | None, max_tokens: int, param: str) -> None:
         """A structured completion must have room for the schema's shortest document, so that it always ends
@@ -187,7 +212,8 @@ class Edge:
             raise APIError(400, "min_tokens cannot be combined with structured output (the document decides "
                                 "where the output ends)", param="min_tokens")
         if max_tokens < grammar.min_tokens:
-            raise APIError(400, f"{param} is {max_tokens}, but the shortest document this response format admits "
+            what = "tool call" if grammar.span is not None else "document this response format admits"
+            raise APIError(400, f"{param} is {max_tokens}, but the shortest {what} "
                                 f"is {grammar.min_tokens} tokens", param=param)
 
     def constraints(self, grammar: Grammar | None, n: int) -> list[Any]:
@@ -195,18 +221,18 @@ class Edge:
 
     # -- messages -> tokens -----------------------------------------------------------------------------------
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool | None = True,
-                 continue_final_message: bool = False) -> list[int]:
+                 continue_final_message: bool = False, tools: ToolChoice | None = None) -> list[int]:
         """The rendered conversation's tokens. ``continue_final_message``: the final (assistant) message is
-        continued rather than answered; a generation prompt is then left out unless asked for (a 400)."""
+        continued rather than answered; a generation prompt is then left out unless asked for (a 400).
+        ``tools``: rendered by the template when it supports them, else in the built-in format."""
         if len(messages) > self.cfg.max_messages:
             raise APIError(400, f"at most {self.cfg.max_messages} messages are allowed, got {len(messages)}",
                            param="messages")
         msgs = []
         for i, m in enumerate(messages):
-            for name in ("tool_calls", "function_call"):
-                if getattr(m, name):
-                    raise APIError(400, f"{name} in messages is not supported (no tool calling)",
-                                   param=f"messages.{i}.{name}")
+            if m.function_call:
+                raise APIError(400, "function_call in messages is the deprecated functions API, which is not "
+                                    "supported: send tool_calls", param=f"messages.{i}.function_call")
             content = m.content
             if isinstance(content, list):
                 for j, part in enumerate(content):
@@ -216,7 +242,13 @@ class Edge:
                 content = "".join(p.text or "" for p in content)
             msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
             msg |= {k: v for k in ("name", "tool_call_id") if (v := getattr(m, k)) is not None}
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
             msgs.append(msg)
+        try:
+            msgs, offered = render(msgs, tools.tools if tools is not None else [], self.native_tools)
+        except ToolCallError as e:
+            raise APIError(400, str(e), param=e.param) from None
         if continue_final_message:
             if messages[-1].role != "assistant":
                 raise APIError(400, "continue_final_message needs the last message to be the assistant's",
@@ -228,7 +260,7 @@ class Edge:
             add_generation_prompt = not continue_final_message
         try:
             return self.tok.encode_chat(msgs, add_generation_prompt=add_generation_prompt,
-                                        continue_final_message=continue_final_message)
+                                        continue_final_message=continue_final_message, tools=offered)
         except LMForgeError as e:
             raise APIError(400, str(e), param="continue_final_message" if continue_final_message else "messages"
                            ) from None

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..engine import TokenLogprob
 from ..errors import LMForgeError
+from ..tools.calling import CallStream, ToolChoice, parse_calls
 from .gate import APIError
 from .scheduler import Event, NeverFits, QueueFull, SchedulerDown
 
@@ -108,6 +109,14 @@ class Choices:
     def delta(self, index: int, text: str, lps: list[TokenLogprob]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def deltas(self, index: int, text: str, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """The stream choices one event's text (and logprobs) make."""
+        return [self.delta(index, text, lps)] if text or (lps and self.with_logprobs) else []
+
+    def closing(self, index: int) -> list[dict[str, Any]]:
+        """Stream choices that a finished choice still holds back, sent before its finish reason."""
+        return []
+
     def finished(self, index: int, reason: str) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -118,9 +127,13 @@ class Choices:
 class ChatChoices(Choices):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, base: dict[str, Any], n: int, with_logprobs: bool, token_text: TokenText) -> None:
+    def __init__(self, base: dict[str, Any], n: int, with_logprobs: bool, token_text: TokenText,
+                 tools: ToolChoice | None = None) -> None:
         super().__init__(base, n, with_logprobs, token_text)
         self.shown = [0] * n  # logprob entries passed on, per choice
+        # With tools to call, the output is parsed for calls (a stream parser per choice).
+        self.names = {f["name"] for f in tools.functions} if tools is not None and tools.constrained else None
+        self.streams = [CallStream(self.names) for _ in range(n)] if self.names is not None else None
 
     def logprobs_of(self, ev: Event) -> list[TokenLogprob]:
         # Chat logprobs cover the content, as OpenAI's do: not the end-of-turn token that ended it.
@@ -138,12 +151,34 @@ class ChatChoices(Choices):
     def delta(self, index: int, text: str, lps: list[TokenLogprob]) -> dict[str, Any]:
         return {"index": index, "delta": {"content": text}, "logprobs": self._logprobs(lps), "finish_reason": None}
 
+    def deltas(self, index: int, text: str, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
+        if self.streams is None:
+            return super().deltas(index, text, lps)
+        parts = self.streams[index].feed(text)
+        if lps and self.with_logprobs and not parts:
+            parts = [{"content": ""}]  # the logprobs of tokens whose text is held back
+        return [{"index": index, "delta": d, "logprobs": self._logprobs(lps) if k == 0 else None,
+                 "finish_reason": None} for k, d in enumerate(parts)]
+
+    def closing(self, index: int) -> list[dict[str, Any]]:
+        if self.streams is None:
+            return []
+        return [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+                for d in self.streams[index].close()]
+
     def finished(self, index: int, reason: str) -> dict[str, Any]:
+        if self.streams is not None and self.streams[index].calls and reason == "stop":
+            reason = "tool_calls"
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
 
     def choice(self, index: int, text: str, lps: list[TokenLogprob], reason: str) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": self._logprobs(lps),
-                "finish_reason": reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.names is not None:
+            message["content"], calls = parse_calls(text, self.names)
+            if calls:
+                message["tool_calls"] = calls
+                reason = "tool_calls" if reason == "stop" else reason
+        return {"index": index, "message": message, "logprobs": self._logprobs(lps), "finish_reason": reason}
 
 
 class CompletionChoices(Choices):

@@ -11,11 +11,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import SamplingParams, TokenLogprob
+from ..engine.structured import Grammar
 from ..errors import LMForgeError
 from .formatting import Choices, api_error_for, finish, sse, stream_error, usage
 from .scheduler import Event, Job
 from .server import Server
-from .structured import Grammar
 
 
 async def respond(server: Server, request: Request, prompts: list[list[int]], params: list[SamplingParams],
@@ -48,11 +48,12 @@ async def _chunks(server: Server, job: Job, choices: Choices, include_usage: boo
     total = 0
     try:
         async for ev in events(server, job, None):
-            lps = choices.logprobs_of(ev)
-            if ev.text or (lps and choices.with_logprobs):
-                yield sse(chunk | {"choices": [choices.delta(ev.index, ev.text, lps)]} | extra)
+            for c in choices.deltas(ev.index, ev.text, choices.logprobs_of(ev)):
+                yield sse(chunk | {"choices": [c]} | extra)
             if ev.finish_reason is not None:
                 total += ev.completion_tokens
+                for c in choices.closing(ev.index):
+                    yield sse(chunk | {"choices": [c]} | extra)
                 yield sse(chunk | {"choices": [choices.finished(ev.index, finish(ev.finish_reason))]} | extra)
     except Exception as e:  # headers are gone: report in-band, as OpenAI does
         yield stream_error(e)

@@ -110,9 +110,9 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None  # passed to the chat template
-    tool_call_id: str | None = None  # passed to the chat template
-    tool_calls: list[dict[str, Any]] | None = None  # refused when non-empty (no tool calling)
-    function_call: dict[str, Any] | None = None  # refused (no function calling)
+    tool_call_id: str | None = None  # a tool result's call (required with role "tool")
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (checked in lmforge.tools.calling)
+    function_call: dict[str, Any] | None = None  # refused (the deprecated functions API)
     refusal: str | None = None  # ignored
 
 
@@ -125,11 +125,13 @@ class ChatCompletionRequest(_Sampling):
     # A final assistant message is continued (prefill) rather than answered (vLLM's parameters).
     continue_final_message: bool = False
     add_generation_prompt: bool | None = None  # default: true, or false when continuing
-    tools: list[dict[str, Any]] | None = None  # refused when non-empty (no tool calling yet)
-    tool_choice: str | dict[str, Any] | None = None  # only "none"
-    functions: list[dict[str, Any]] | None = None  # refused when non-empty (no function calling)
-    function_call: str | dict[str, Any] | None = None  # only "none"
-    parallel_tool_calls: bool | None = None  # ignored: no tools
+    # Function calling (checked in lmforge.tools.calling): the tools offered, which may be called, and
+    # whether several calls may come in one answer.
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None  # refused: the deprecated functions API (send tools)
+    function_call: str | dict[str, Any] | None = None  # refused: the deprecated functions API (send tool_choice)
     modalities: list[str] | None = None  # only ["text"]
     audio: dict[str, Any] | None = None  # refused: no audio output
     prediction: dict[str, Any] | None = None  # refused: no predicted outputs
@@ -143,18 +145,12 @@ class ChatCompletionRequest(_Sampling):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # prefix reuse is automatic
 
-    @field_validator("tools", "functions")
+    @field_validator("functions", "function_call")
     @classmethod
-    def _no_tools(cls, v: list[dict[str, Any]] | None, info: Any) -> list[dict[str, Any]] | None:
+    def _no_functions(cls, v: Any, info: Any) -> Any:
         if v:
-            raise _refuse(f"{info.field_name} is not supported yet (no tool calling)")
-        return v
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, v: Any, info: Any) -> Any:
-        if v is not None and v != "none":
-            raise _refuse(f"{info.field_name} may only be \"none\" (no tool calling)")
+            new = "tools" if info.field_name == "functions" else "tool_choice"
+            raise _refuse(f"{info.field_name} is the deprecated functions API, which is not supported: send {new}")
         return v
 
     @field_validator("modalities")

@@ -1,4 +1,5 @@
-"""Structured output: JSON (any object, or a JSON schema) enforced during decoding by token masking.
+"""Structured output: JSON (any object, or a JSON schema), or JSON spans in free text (tool calls, see
+`lmforge.tools.grammar`), enforced during decoding by token masking.
 
 llguidance compiles the schema into a grammar over the model's own tokenizer and says, at every step,
 which tokens keep the output a valid prefix. Masking alone cannot promise a *complete* document within
@@ -39,10 +40,17 @@ class StructuredOutputError(LMForgeError):
 
 @dataclass(frozen=True)
 class Grammar:
-    """A compiled grammar and the length, in tokens, of the shortest document the closing plan writes."""
+    """A compiled grammar and the length, in tokens, of the shortest document the closing plan writes.
+
+    ``span``: the JSON lies between these markers in free text (tool calls), so only text inside them is
+    lexed as JSON; ``jump``: the tokens the shortest span takes, which the budget must keep once one opens;
+    ``repeat``: another span may follow a closed one."""
 
     text: str
     min_tokens: int
+    span: tuple[str, str] | None = None
+    jump: int = 0
+    repeat: bool = False
 
 
 def _lex(in_string: bool, escaped: bool, text: str) -> tuple[bool, bool]:
@@ -78,6 +86,8 @@ class JsonGrammars:
         self.brackets = sorted(brackets, key=lambda i: -len(self.texts[i]))
         by_text = {t: i for i, t in enumerate(self.texts) if t in _SHORT and i not in special}
         self.short = [by_text[t] for t in _SHORT if t in by_text]
+        # Value separators: they end a number when a bracket cannot (a required key still follows).
+        self.commas = [i for i, t in enumerate(self.texts) if t.strip() == "," and i not in special]
         # Whole-text tokens, for spelling a planned completion in as few tokens as the vocabulary allows.
         self.spellings: dict[str, int] = {}
         for i, t in enumerate(self.texts):
@@ -113,17 +123,32 @@ class JsonGrammars:
                 json.dumps(schema if schema is not None else {"type": "object"}), overrides=_JSON_OPTIONS)
         except (ValueError, TypeError) as e:
             raise LMForgeError(f"invalid JSON schema: {e}") from None
+        return self._checked(grammar, "JSON schema", None)
+
+    def compile_lark(self, lark: str, span: tuple[str, str] | None = None, repeat: bool = False) -> Grammar:
+        """A grammar in llguidance's Lark syntax (``%json`` embeds JSON schemas); ``span``, ``repeat``: see
+        `Grammar`."""
+        return self._checked(lark, "grammar", span, repeat)
+
+    def _checked(self, grammar: str, what: str, span: tuple[str, str] | None, repeat: bool = False) -> Grammar:
         is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.lltok)
         if is_error:
-            raise LMForgeError(f"invalid JSON schema: {messages[0].strip().splitlines()[0]}")
+            raise LMForgeError(f"invalid {what}: {messages[0].strip().splitlines()[0]}")
         # A schema may admit no finite document (an object that requires itself): refuse it here rather than
         # stop with a fragment later.
-        state = _State(self, self._llg.LLMatcher(self.lltok, grammar, log_level=0))
+        state = _State(self, self._llg.LLMatcher(self.lltok, grammar, log_level=0), span=span)
         plan = state.plan()
         if plan is None:
-            raise LMForgeError("the JSON schema admits no document that can be completed "
+            raise LMForgeError(f"the {what} admits no document that can be completed "
                                f"({state.failure or 'the shortest way to close it never ends'})")
-        return Grammar(grammar, len(plan))
+        jump = len(plan) + 2 if span is not None else 0  # the first span, and a separator before another
+        if span is not None and not plan:  # free text first: the shortest span, once its opening is written
+            opening = self.spell(span[0]) or []
+            if all(state.consume(t) for t in opening) and (rest := state.plan()) is not None:
+                jump = len(opening) + len(rest) + 2
+            else:
+                raise LMForgeError(f"the {what} cannot complete a span opened by {span[0]!r}")
+        return Grammar(grammar, len(plan), span, jump, repeat)
 
     def constraint(self, grammar: Grammar) -> JsonConstraint:
         return JsonConstraint(self, grammar)
@@ -132,12 +157,16 @@ class JsonGrammars:
 class _State:
     """A parser with the lexical state of the JSON text it has consumed."""
 
-    def __init__(self, g: JsonGrammars, matcher: Any, in_string: bool = False, escaped: bool = False) -> None:
+    def __init__(self, g: JsonGrammars, matcher: Any, in_string: bool = False, escaped: bool = False,
+                 span: tuple[str, str] | None = None, outside: bool = True, tail: str = "") -> None:
         self.g, self.matcher, self.in_string, self.escaped = g, matcher, in_string, escaped
+        # With a span, text outside it is free text (no JSON lexing); `tail` matches its markers.
+        self.span, self.outside, self.tail = span, span is not None and outside, tail
         self.failure: str | None = None
 
     def copy(self) -> _State:
-        return _State(self.g, self.matcher.deep_copy(), self.in_string, self.escaped)
+        return _State(self.g, self.matcher.deep_copy(), self.in_string, self.escaped, self.span, self.outside,
+                      self.tail)
 
     def allowed(self) -> np.ndarray:
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
@@ -146,7 +175,21 @@ class _State:
     def consume(self, token: int) -> bool:
         if not self.matcher.consume_token(token):
             return False
-        self.in_string, self.escaped = _lex(self.in_string, self.escaped, self.g.texts[token])
+        text = self.g.texts[token]
+        if self.span is None:
+            self.in_string, self.escaped = _lex(self.in_string, self.escaped, text)
+            return True
+        opening, closing = self.span
+        for ch in text:
+            if self.outside:
+                self.tail = (self.tail + ch)[-len(opening):]
+                if self.tail == opening:
+                    self.outside, self.tail, self.in_string, self.escaped = False, "", False, False
+                continue
+            self.in_string, self.escaped = _lex(self.in_string, self.escaped, ch)
+            self.tail = "" if self.in_string else (self.tail + ch)[-len(closing):]
+            if self.tail == closing:
+                self.outside, self.tail = True, ""
         return True
 
     def broken(self) -> str | None:
@@ -165,7 +208,7 @@ class _State:
         ff = self.matcher.compute_ff_tokens()  # forced text (a required key, an enum value): canonical tokens
         if ff and 0 <= ff[0] < g.vocab_size and allowed[ff[0]]:
             return int(ff[0])
-        groups = (g.quote,) if self.in_string else (g.brackets, g.short)
+        groups = (g.quote,) if self.in_string else (g.brackets, g.commas, g.short)
         for group in groups:
             for i in group:
                 if allowed[i]:
@@ -199,8 +242,9 @@ class JsonConstraint:
     """Per-sequence grammar state, driven by the engine: ``mask`` before sampling, ``accept`` after it."""
 
     def __init__(self, grammars: JsonGrammars, grammar: Grammar) -> None:
-        self.g = grammars
-        self.state = _State(grammars, grammars._llg.LLMatcher(grammars.lltok, grammar.text, log_level=0))
+        self.g, self.jump, self.repeat = grammars, grammar.jump, grammar.repeat
+        self.state = _State(grammars, grammars._llg.LLMatcher(grammars.lltok, grammar.text, log_level=0),
+                            span=grammar.span)
         self.closing = False
         self._remaining = 0
         self._next_check: int | None = None  # remaining budget at which to plan again (None: at once)
@@ -218,7 +262,9 @@ class JsonConstraint:
             if need >= remaining - 1:  # one token is kept for the end of turn, when the budget has it
                 self.closing, self._plan = True, plan
             else:
-                slack = remaining - need
+                # With spans, one may open at any token outside one (or after this one closes, when spans
+                # repeat) and then needs `jump` more: check early enough for that.
+                slack = remaining - need - (self.jump if self.state.outside or self.repeat else 0)
                 self._verify = slack <= _WINDOW
                 self._next_check = remaining - max(1, (slack - _WINDOW) // 2)
         if self.closing:
