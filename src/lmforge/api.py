@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ class LM:
         self.adapter: Path | None = None  # a LoRA adapter applied on top of the weights at `path`
         self.engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch)
         self._pooling: Pooling | None = None
-        self._grammars: Any = None  # tool-call grammars, compiled for this tokenizer on first use
-        self._tool_grammars: dict[str, Any] = {}
+        self._grammars: Any = None  # JsonGrammars for this tokenizer, built on first use
+        self._grammar_cache: dict[str, Any] = {}
+        self._grammar_lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -128,19 +130,32 @@ class LM:
         msgs, offered = render(messages, offered, template_renders_tools(self.tokenizer.chat_template))
         return self.tokenizer.encode_chat(msgs, tools=offered)
 
+    def grammar(self, key: str, build: Callable[[Any], Any]) -> Any:
+        """A decoding grammar for this tokenizer: ``build(JsonGrammars)`` compiles it, once per ``key`` (the
+        256 most recent are kept). The Python API and the server share these; safe from any thread."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                from .engine.structured import JsonGrammars
+
+                self._grammars = JsonGrammars(self.tokenizer, self.config.vocab_size)
+            if key not in self._grammar_cache:
+                self._grammar_cache[key] = build(self._grammars)
+                if len(self._grammar_cache) > 256:
+                    self._grammar_cache.pop(next(iter(self._grammar_cache)))
+            return self._grammar_cache[key]
+
+    def grammar_constraint(self, grammar: Any) -> Any:
+        """A fresh decoding constraint (one sequence's parser state) for a grammar from `grammar`."""
+        return self._grammars.constraint(grammar)
+
     def tool_constraint(self, choice: ToolChoice) -> Any:
         """The decoding constraint that keeps every tool call valid (None when calls are not parsed)."""
         if not choice.constrained:
             return None
-        from .engine.structured import JsonGrammars
         from .tools.grammar import SPAN, call_grammar
 
-        if self._grammars is None:
-            self._grammars = JsonGrammars(self.tokenizer, self.config.vocab_size)
         lark = call_grammar(choice.functions, choice.mode, choice.parallel)
-        if lark not in self._tool_grammars:
-            self._tool_grammars[lark] = self._grammars.compile_lark(lark, SPAN, choice.parallel)
-        return self._grammars.constraint(self._tool_grammars[lark])
+        return self.grammar_constraint(self.grammar(lark, lambda g: g.compile_lark(lark, SPAN, choice.parallel)))
 
     def chat(self, messages: str | Messages, stream: bool = False, tools: list[dict[str, Any]] | None = None,
              tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool | None = None,

@@ -7,7 +7,6 @@ receives work that fits it.
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 from ..api import LM
@@ -39,9 +38,6 @@ class Edge:
         self.vocab = lm.config.vocab_size
         self.names = {cfg.model_name}
         self.max_text_bytes = self.ctx * MAX_BYTES_PER_TOKEN
-        self._grammars: Any = None
-        self._grammar_lock = threading.Lock()
-        self._grammar_cache: dict[str, Grammar] = {}
         self.native_tools = template_renders_tools(self.tok.chat_template)
 
     # -- validation ------------------------------------------------------------------------------------------
@@ -169,19 +165,10 @@ class Edge:
         return self._compiled(json.dumps(schema, sort_keys=True), lambda g: g.compile(schema), param)
 
     def _compiled(self, key: str, build: Any, param: str) -> Grammar:
-        with self._grammar_lock:
-            if self._grammars is None:
-                from ..engine.structured import JsonGrammars
-
-                self._grammars = JsonGrammars(self.tok, self.vocab)
-            if key not in self._grammar_cache:
-                try:
-                    self._grammar_cache[key] = build(self._grammars)
-                except LMForgeError as e:
-                    raise APIError(400, str(e), param=param) from None
-                if len(self._grammar_cache) > 256:
-                    self._grammar_cache.pop(next(iter(self._grammar_cache)))
-            return self._grammar_cache[key]
+        try:
+            return self.lm.grammar(key, build)
+        except LMForgeError as e:
+            raise APIError(400, str(e), param=param) from None
 
     # -- function calling -------------------------------------------------------------------------------------
     def tool_choice(self, req: Any) -> ToolChoice:
@@ -217,7 +204,7 @@ class Edge:
                                 f"is {grammar.min_tokens} tokens", param=param)
 
     def constraints(self, grammar: Grammar | None, n: int) -> list[Any]:
-        return [None if grammar is None else self._grammars.constraint(grammar) for _ in range(n)]
+        return [None if grammar is None else self.lm.grammar_constraint(grammar) for _ in range(n)]
 
     # -- messages -> tokens -----------------------------------------------------------------------------------
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool | None = True,
