@@ -35,3 +35,15 @@ def placement(device: torch.device | str | None = None, dtype: torch.dtype | Non
     """The device (default: CUDA when present) and dtype (default: that device's) to load onto."""
     dev = parse_device(device) if device is not None else default_device()
     return dev, dtype or default_dtype(dev)
+
+
+def prepare_inference(device: torch.device) -> None:
+    """Process-wide settings for running a loaded model on ``device``.
+
+    On CUDA, scaled-dot-product attention leaves out cuDNN's backend: it builds a new graph for every
+    key length it meets (about 2 ms of host time per call, against microseconds of GPU work), and decoding
+    meets a new length every step, which made a 30-layer decode step 60 ms slower. Flash and
+    memory-efficient attention take its place, with the same results up to rounding.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..device import placement
+from ..device import placement, prepare_inference
 from ..errors import LMForgeError
 from ..model import ModelConfig, Transformer
 from ..quant import PackedWeight, accelerate, kernels
@@ -84,6 +84,7 @@ def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | Pa
     for mod, make in stored.items():
         parent, _, attr = mod.rpartition(".")
         setattr(model.get_submodule(parent), attr, make(state.get(mod + ".bias")))
+    prepare_inference(device)
     return accelerate(model.eval(), kernel_dir(), packed if store is None else None)
 
 
