@@ -17,7 +17,9 @@ from .errors import LMForgeError
 from .formats import Checkpoint, load_checkpoint
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
+from .tools.base import Tool, to_openai
 from .tools.calling import ToolChoice, assistant_message, check_tools, render, template_renders_tools
+from .tools.inline import MAX_TOOL_CALLS, ToolRunner, resolve_tools, tool_messages
 
 Messages = list[dict[str, Any]]
 
@@ -94,16 +96,44 @@ class LM:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 
-    def generate(self, prompt: str | list[str], **params: Any) -> str | list[str]:
-        """Complete one prompt (returns a str) or several, batched (returns a list)."""
+    def generate(self, prompt: str | list[str], tools: list[Tool | str] | None = None,
+                 max_tool_calls: int = MAX_TOOL_CALLS, **params: Any) -> str | list[str]:
+        """Complete one prompt (returns a str) or several, batched (returns a list).
+
+        ``tools`` (Tool objects or registered names, e.g. ``["calculator"]``): calls the model writes
+        (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``) run during generation, and each result is
+        forced into the text as the chat template renders a tool turn, after which the model continues; at
+        most ``max_tool_calls`` run per prompt. The prompt should offer the tools (`tool_prompt`)."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        seqs = self.generate_sequences([self._prompt_ids(p) for p in prompts], SamplingParams(**params))
+        seqs = self.generate_sequences([self._prompt_ids(p) for p in prompts], SamplingParams(**params),
+                                       tools=tools, max_tool_calls=max_tool_calls)
         texts = [s.text for s in seqs]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def generate_sequences(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
-        """Token-level generation: finished sequences with ids, text, finish reason and logprobs."""
-        return self.engine.generate(prompts, params)
+    def generate_sequences(self, prompts: list[list[int]], params: SamplingParams,
+                           tools: list[Tool | str] | None = None, max_tool_calls: int = MAX_TOOL_CALLS
+                           ) -> list[Sequence]:
+        """Token-level generation: finished sequences with ids, text, finish reason and logprobs. With
+        ``tools`` (as in `generate`) each sequence's ``tools`` is its ToolRunner (its ``calls``), and
+        ``forced`` / ``forced_chars`` mark the result tokens and text that were forced, not sampled."""
+        if not tools:
+            return self.engine.generate(prompts, params)
+        resolved = resolve_tools(tools)
+        seqs = [self.engine.add(p, params) for p in prompts]
+        for s in seqs:
+            s.tools = ToolRunner(resolved, self.tokenizer, max_tool_calls)
+        while not all(s.done for s in seqs):
+            self.engine.step()
+        failed = next((s for s in seqs if s.error is not None), None)
+        if failed is not None:
+            raise failed.error
+        return seqs
+
+    def tool_prompt(self, messages: str | Messages, tools: list[Tool | str]) -> str:
+        """The chat prompt, as text, of a conversation that offers ``tools`` (Tool objects or names): what
+        `generate` with ``tools`` continues."""
+        offered = [to_openai(t) for t in resolve_tools(tools)]
+        return self.tokenizer.decode(self.chat_prompt(messages, offered), skip_special_tokens=False)
 
     def stream(self, prompt: str, **params: Any) -> Iterator[str]:
         """Yield text deltas as they are generated."""
@@ -157,14 +187,29 @@ class LM:
         lark = call_grammar(choice.functions, choice.mode, choice.parallel)
         return self.grammar_constraint(self.grammar(lark, lambda g: g.compile_lark(lark, SPAN, choice.parallel)))
 
-    def chat(self, messages: str | Messages, stream: bool = False, tools: list[dict[str, Any]] | None = None,
+    def chat(self, messages: str | Messages, stream: bool = False, tools: list[Any] | None = None,
              tool_choice: str | dict[str, Any] | None = None, parallel_tool_calls: bool | None = None,
-             **params: Any) -> str | Iterator[str] | dict[str, Any]:
+             execute_tools: bool = False, max_tool_calls: int = MAX_TOOL_CALLS,
+             **params: Any) -> str | Iterator[str] | dict[str, Any] | Messages:
         """Answer a conversation (or a single user message) using the model's chat template: the text (or, with
         ``stream``, its deltas). With ``tools`` (OpenAI tool definitions; ``tool_choice`` and
         ``parallel_tool_calls`` as in OpenAI's API) the answer is the assistant message in OpenAI's shape,
         ``{"role": "assistant", "content": str | None, "tool_calls": [...]}`` (``tool_calls`` only when the
-        model called a tool), which can be appended to ``messages`` as it is."""
+        model called a tool), which can be appended to ``messages`` as it is.
+
+        ``execute_tools``: ``tools`` are Tool objects or registered names, run during generation (see
+        `generate`); the answer is the list of messages the turn adds (per call, the assistant message with
+        ``tool_calls`` and the ``tool`` message with its result, then the final assistant message)."""
+        if execute_tools:
+            if stream or tool_choice is not None or parallel_tool_calls is not None:
+                raise LMForgeError("chat: execute_tools cannot be combined with stream, tool_choice or "
+                                   "parallel_tool_calls")
+            if not tools:
+                raise LMForgeError("chat: execute_tools needs tools")
+            resolved = resolve_tools(tools)
+            ids = self.chat_prompt(messages, [to_openai(t) for t in resolved])
+            seq = self.generate_sequences([ids], SamplingParams(**params), resolved, max_tool_calls)[0]
+            return tool_messages(seq.text, seq.forced_chars, seq.tools.calls)
         if tools is None and tool_choice is None:
             ids = self.chat_prompt(messages)
             if stream:
@@ -179,6 +224,15 @@ class LM:
         if gen.sequence.error is not None:
             raise gen.sequence.error
         return assistant_message(gen.sequence.text, choice)
+
+    def solve(self, question: str | list[str], strategy: str = "direct", tools: list[Tool | str] | None = None,
+              **options: Any) -> Any:
+        """Answer a question (or a batch, together) with a reasoning strategy: ``direct``, ``cot``,
+        ``self-consistency`` or ``self-refine``; a Solution each (`lmforge.eval.strategies.solve`, which
+        takes the ``options``: ``n``, ``max_rounds``, ``critic``, ``temperature``, ...)."""
+        from .eval.strategies import solve
+
+        return solve(self, question, strategy, tools=tools, **options)
 
 
 class Generation:

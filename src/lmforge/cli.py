@@ -300,7 +300,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     lm = _load(args)
     opt = EvalOptions(limit=args.limit, shots=args.shots, batch_size=args.batch_size, chat=args.chat, seed=args.seed,
-                      progress=not args.quiet, window=args.window, stride=args.stride, resume=not args.fresh)
+                      progress=not args.quiet, window=args.window, stride=args.stride, resume=not args.fresh,
+                      strategy=args.strategy, tools=args.tools, tool_execution=args.tool_execution)
     doc = evaluate(lm, specs, data, opt, model_name=args.model)
     if args.out:
         write_run(args.out, doc)
@@ -435,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .retrieval.commands import add_parsers as add_retrieval_parsers
 
     add_retrieval_parsers(sub, _add_sampling, _sampling)
+    from .agent.commands import add_parsers as add_agent_parsers
+
+    add_agent_parsers(sub)
 
     p = sub.add_parser("eval", help="benchmark a model (multiple choice, generative, perplexity); "
                                     "`eval compare RUN_A RUN_B` diffs two runs")
@@ -457,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every item again instead of resuming an interrupted run of the same evaluation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_eval)
+    from .eval.commands import add_parsers as add_solve_parsers
+
+    add_solve_parsers(sub, p, _add_model_opts, _load)  # `solve`, and eval's --strategy
 
     p = sub.add_parser("export", help="write a model as an HF directory or a GGUF file (llama.cpp, Ollama)")
     p.add_argument("model", help="registry name, .gguf file or HF directory (e.g. a training checkpoint)")

@@ -32,6 +32,7 @@ from ..model import Transformer
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from .kv_cache import KVCache, default_kv_memory, kv_bytes_per_token
 from .sampling import SamplerState, SamplingParams, TokenLogprob, token_logprob
+from .tooluse import closes_call, force_result
 
 _ids = itertools.count()
 
@@ -62,6 +63,9 @@ class Sequence:
     # sampling, ``accept(token) -> token taken`` after it, and ``complete`` once the output is whole.
     constraint: Any = None
     error: Exception | None = None  # why it finished with reason "error"
+    tools: Any = None  # a ToolHook (engine/tooluse.py): calls this sequence writes run during decoding
+    forced: list[tuple[int, int]] = field(default_factory=list)  # [start, end) spans of output_ids forced by tools
+    forced_chars: list[tuple[int, int]] = field(default_factory=list)  # the same spans in `text`
 
     @property
     def done(self) -> bool:
@@ -351,7 +355,7 @@ class Engine:
                      and s.sampler.bias is None and s.constraint is None
                      and len(s.output_ids) >= s.params.min_tokens for s in batch)
         chosen: list[int] = logits.argmax(-1).tolist() if simple else [-1] * len(batch)  # one argmax for all
-        out = []
+        out, forced = [], []
         for i, s in enumerate(batch):
             # A failure in one row (its sampler, constraint or stop handling) fails that sequence alone.
             try:
@@ -368,12 +372,18 @@ class Engine:
                     tok = s.constraint.accept(tok)
                 if s.params.logprobs:
                     s.logprobs.append(token_logprob(logits[i], tok, s.params.top_logprobs))
-                out.append((s, self._append(s, tok)))
+                text = self._append(s, tok)
+                if closes_call(s):
+                    text += force_result(s, self.tok)
+                    if not s.done:  # the forced tokens are prefilled next step, as a resumed sequence's are
+                        forced.append(s)
+                out.append((s, text))
             except Exception as e:
                 s.error, s.finish_reason = e, "error"
                 out.append((s, ""))
-            if s.done:
+            if s.done or (forced and forced[-1] is s):
                 self.running.pop(s.slot, None)
+        self.waiting.extendleft(reversed(forced))
         return out
 
     def _append(self, s: Sequence, tok: int) -> str:

@@ -23,7 +23,8 @@ def report_card(doc: dict[str, Any]) -> str:
     """The markdown report card: one table, one row per (task, metric)."""
     lines = ["| model | task | metric | value | stderr | n | shots |", "|---|---|---|---:|---:|---:|---:|"]
     for r in doc["results"]:
-        lines.append(f"| {doc['model']} | {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['stderr'])} "
+        task = f"{r['task']} ({r['strategy']})" if r.get("strategy") else r["task"]  # a reasoning strategy's run
+        lines.append(f"| {doc['model']} | {task} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['stderr'])} "
                      f"| {r['n']} | {r['shots']} |")
     return "\n".join(lines) + "\n"
 

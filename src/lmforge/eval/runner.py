@@ -7,7 +7,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,12 @@ import numpy as np
 
 from ..errors import LMForgeError
 from ..tokenizer import Tokenizer
+from .code import run_code
 from .generate import extract_answer, is_correct
 from .scoring import Score, perplexity, score_groups
+from .strategies import Strategy, evaluate_strategy
 from .tasks import Item, TaskSpec, build_items, fewshot_prefix, load_items, read_records, sample_fewshot
+from .tooleval import run_with_tools
 
 
 @dataclass
@@ -31,6 +34,9 @@ class EvalOptions:
     window: int | None = None  # perplexity: tokens per window (default: the model's context)
     stride: int | None = None  # perplexity: new tokens per window (default: window / 2)
     resume: bool = True  # continue an interrupted multiple-choice run from its saved scores
+    strategy: Strategy | None = None  # generative tasks: answer each item's question with this strategy
+    tools: tuple[str, ...] = ()  # generative tasks: tools offered in 0-shot chat prompts (eval/tooleval.py)
+    tool_execution: bool = True  # run the calls during generation (else the model writes their results)
 
 
 def _fingerprint(f: Path, chunk: int = 1 << 20) -> str:
@@ -160,6 +166,13 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
     """Evaluate one task; returns {"rows": metric rows, "samples": per-item records, "seconds", "n"}."""
     tok: Tokenizer = lm.tokenizer
     shots = spec.default_shots if opt.shots is None else opt.shots
+    if opt.strategy is not None:
+        check_strategy(spec, opt.shots)
+        shots = 0
+    if opt.tools:
+        if opt.shots:
+            raise LMForgeError("--tools prompts are 0-shot chat; drop --shots")
+        shots = 0
     all_items, path = load_items(spec, data)
     items = all_items[:opt.limit] if opt.limit else all_items
     t0 = time.perf_counter()
@@ -207,13 +220,38 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
         samples = [{"index": it.index, "gold": g, "logprobs": ll, "acc": a, "acc_norm": an,
                     "greedy": [s.greedy for s in sc]}
                    for it, g, ll, a, an, sc in zip(items, golds, lls, per["acc"], per["acc_norm"], scores)]
+    elif spec.kind == "code":
+        done = {}
+        per, samples = run_code(lm, spec, items, opt)
+    elif opt.strategy is not None:
+        done = {}
+        if lm.engine.max_batch != opt.batch_size:
+            lm.configure_engine(max_batch=opt.batch_size)
+        per, samples = evaluate_strategy(lm, items, opt.strategy, tools=list(opt.tools) or None,
+                                         progress=opt.progress)
+    elif opt.tools:
+        done = {}
+        per, samples = run_with_tools(lm, spec, items, list(opt.tools), opt.tool_execution, opt.batch_size,
+                                      opt.progress)
     else:
         done = {}
         per, samples = _run_generate(lm, spec, items, pool, same, shots, opt)
     rows = [{"task": spec.name, "metric": m, "value": float(np.mean(v)), "stderr": mean_stderr(v), "n": len(v),
              "shots": shots} for m, v in per.items()]
+    if opt.strategy is not None:
+        for r in rows:
+            r["strategy"] = opt.strategy.name
     return {"rows": rows, "samples": samples, "seconds": time.perf_counter() - t0, "n": len(items),
             "data": str(path), "resumed": len(done)}
+
+
+def check_strategy(spec: TaskSpec, shots: int | None) -> None:
+    """A reasoning strategy answers generative tasks' questions, 0-shot, in the chat template."""
+    if spec.kind not in ("generate", "code"):
+        raise LMForgeError(f"--strategy applies to generative tasks; {spec.name} is a {spec.kind.replace('_', '-')} "
+                           "task, scored by log-likelihood")
+    if shots:
+        raise LMForgeError("--strategy prompts are 0-shot; drop --shots")
 
 
 def _run_generate(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], same: bool, shots: int,
@@ -259,7 +297,9 @@ def evaluate(lm: Any, tasks: list[TaskSpec], data: dict[str, str], opt: EvalOpti
     """Run several tasks; returns the results document written to results.json."""
     out: dict[str, Any] = {"model": model_name or str(lm.path), "model_path": str(lm.path),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "options": {k: getattr(opt, k) for k in ("limit", "shots", "batch_size", "chat", "seed")},
+                           "options": {k: getattr(opt, k) for k in ("limit", "shots", "batch_size", "chat", "seed",
+                                                                  "tools", "tool_execution")},
+                           "strategy": asdict(opt.strategy) if opt.strategy is not None else None,
                            "results": [], "tasks": {}, "samples": {}}
     for spec in tasks:
         r = run_task(lm, spec, data.get(spec.name), opt)

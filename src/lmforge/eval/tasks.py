@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import LMForgeError
 
-KINDS = ("multiple_choice", "generate", "perplexity")
+KINDS = ("multiple_choice", "generate", "perplexity", "code")
 FORMATS = ("jsonl", "json", "csv", "tsv", "lines", "text")
 
 
@@ -47,10 +47,15 @@ class TaskSpec:
     # generative tasks
     target: str | None = None  # template: the exemplar answer shown after the context in few-shot prompts
     answer: str = "{{ answer }}"  # template: the reference answer text the extracted answer is compared to
+    question: str | None = None  # template: the bare question a reasoning strategy is asked (default: context)
     extract: str = "number"  # "number" (after `####`, else the last number) or "regex:<pattern>"
     stop: list[str] = field(default_factory=lambda: ["\n\n", "Question:"])
     max_tokens: int = 256
     default_shots: int = 0
+    # code tasks: `answer` renders the test program, run after the prompt and the model's code (eval/code.py)
+    n: int = 1  # samples per problem (pass@k needs n >= k)
+    temperature: float | None = None  # default: greedy with n = 1, else code.SAMPLED_TEMPERATURE
+    timeout: float = 10.0  # wall-clock seconds one program's tests may run
     metrics: list[str] = field(default_factory=list)
     source: str = ""  # where the spec came from
 
@@ -63,8 +68,12 @@ class TaskSpec:
             raise LMForgeError(f"task {self.name}: a multiple-choice spec needs exactly one of `choices` or `contexts`")
         if self.contexts is not None and self.continuation is None:
             raise LMForgeError(f"task {self.name}: `contexts` (partial scoring) needs a `continuation` template")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise LMForgeError(f"task {self.name}: n (samples per problem) must be a positive integer, got {self.n!r}")
+        if not self.timeout > 0:
+            raise LMForgeError(f"task {self.name}: timeout must be positive, got {self.timeout!r}")
         if not self.metrics:
-            self.metrics = {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"],
+            self.metrics = {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"], "code": ["pass@1"],
                             "perplexity": ["perplexity", "bits_per_byte", "word_perplexity"]}[self.kind]
 
 
@@ -78,6 +87,7 @@ class Item:
     gold: int | str
     choice_texts: list[str]  # for acc_norm's length normalisation (the choice without the delimiter)
     doc: dict[str, Any]
+    question: str = ""  # generative tasks: what a reasoning strategy is asked
 
     def exemplar(self, delimiter: str) -> str:
         g = int(self.gold) if isinstance(self.gold, int) else 0
@@ -228,6 +238,7 @@ class _Compiled:
             self.continuation = env.from_string(spec.continuation) if spec.continuation else None
             self.target = env.from_string(spec.target) if spec.target else None
             self.answer = env.from_string(spec.answer)
+            self.question = env.from_string(spec.question) if spec.question else None
             self.choices = env.compile_expression(spec.choices) if spec.choices else None
             self.contexts = env.compile_expression(spec.contexts) if spec.contexts else None
             self.gold = env.compile_expression(spec.gold)
@@ -249,10 +260,11 @@ def build_items(spec: TaskSpec, records: list[dict[str, Any]]) -> list[Item]:
     c = _Compiled(spec)
     items = []
     for i, rec in enumerate(records):
-        if spec.kind == "generate":
+        if spec.kind in ("generate", "code"):
             ctx = _render(spec, c.context, rec, "context", i)
             tgt = _render(spec, c.target, rec, "target", i) if c.target else ""
-            items.append(Item(i, [ctx], [tgt], _render(spec, c.answer, rec, "answer", i), [tgt], rec))
+            question = _render(spec, c.question, rec, "question", i) if c.question else ctx
+            items.append(Item(i, [ctx], [tgt], _render(spec, c.answer, rec, "answer", i), [tgt], rec, question))
             continue
         if spec.kind == "perplexity":
             items.append(Item(i, [], [], 0, [], rec))

@@ -1,4 +1,5 @@
-"""The fine-tuning commands: `lmforge finetune sft`, `finetune dpo` and `finetune reward`."""
+"""The fine-tuning commands: `lmforge finetune sft`, `finetune dpo`, `finetune reward`, and
+`finetune gsm8k-tools` (GSM8K's calculator annotations as tool-call training data)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ..errors import LMForgeError
 
 
 def add_parsers(fsub: Any) -> None:
-    """Add sft, dpo and reward to the `lmforge finetune` subcommand parser."""
+    """Add sft, dpo, reward and gsm8k-tools to the `lmforge finetune` subcommand parser."""
     f = fsub.add_parser("sft", help="instruction tuning on Alpaca, chat (messages) or ShareGPT data")
     _common(f, "instruction data: .json/.jsonl (optionally .gz) in alpaca, chatml or sharegpt format")
     f.add_argument("--format", default="auto", choices=("auto", "alpaca", "chatml", "sharegpt"),
@@ -26,6 +27,13 @@ def add_parsers(fsub: Any) -> None:
     f = fsub.add_parser("reward", help="train a reward model (base + scalar head) on preference pairs")
     _common(f, "preference data, as for `finetune dpo`")
     f.set_defaults(func=cmd_reward)
+
+    f = fsub.add_parser("gsm8k-tools", help="convert GSM8K's calculator annotations (<<48/2=24>>) into "
+                                            "tool-call conversations for `finetune sft`")
+    f.add_argument("input", help="GSM8K {question, answer} JSONL (e.g. gsm8k/train.jsonl)")
+    f.add_argument("--out", required=True, metavar="FILE", help="the JSONL to write (chatml messages with tools)")
+    f.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    f.set_defaults(func=cmd_gsm8k_tools)
 
 
 def _common(f: argparse.ArgumentParser, data_help: str) -> None:
@@ -112,3 +120,14 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from .dpo import RewardRun
 
     return _run(RewardRun, args)
+
+
+def cmd_gsm8k_tools(args: argparse.Namespace) -> int:
+    from .toolcalls import convert_gsm8k
+
+    if args.limit is not None and args.limit < 1:
+        raise LMForgeError(f"--limit must be positive, got {args.limit}")
+    stats = convert_gsm8k(args.input, args.out, args.limit)
+    print(f"wrote {stats['examples']} conversations with {stats['calls']} calculator calls to {args.out} "
+          f"({stats['kept_as_text']} annotations the calculator does not reproduce kept as text)")
+    return 0

@@ -53,7 +53,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             raise LMForgeError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
     else:
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028)
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -80,13 +80,21 @@ def detect_format(records: Sequence[dict[str, Any]], source: str = "data") -> st
                        f"(chatml) or conversations (sharegpt); found {', '.join(map(str, rec)) or 'none'}")
 
 
-def _message(m: Any, where: str) -> dict[str, str]:
-    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+class Conversation(list):
+    """A conversation's messages, with the tools (OpenAI definitions) its record offers, if any."""
+
+    tools: list[dict[str, Any]] | None = None
+
+
+def _message(m: Any, where: str) -> dict[str, Any]:
+    # An assistant message that only calls tools may leave out its content, as OpenAI's do.
+    if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
         raise LMForgeError(f"{where}: each message needs role and content")
     role = str(m["role"])
     if role not in _ROLES:
         raise LMForgeError(f"{where}: unknown role {role!r} (expected {', '.join(sorted(_ROLES))})")
-    return {"role": role, "content": "" if m["content"] is None else str(m["content"])}
+    out = {"role": role, "content": "" if m.get("content") is None else str(m["content"])}
+    return out | {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k)}
 
 
 def to_messages(rec: dict[str, Any], fmt: str, where: str = "example") -> Messages:
@@ -105,7 +113,12 @@ def to_messages(rec: dict[str, Any], fmt: str, where: str = "example") -> Messag
     if fmt == "chatml":
         if not isinstance(rec.get("messages"), list):
             raise LMForgeError(f"{where}: no 'messages' list (fields: {', '.join(map(str, rec))})")
-        return [_message(m, where) for m in rec["messages"]]
+        conv = Conversation(_message(m, where) for m in rec["messages"])
+        if rec.get("tools") is not None:
+            if not isinstance(rec["tools"], list):
+                raise LMForgeError(f"{where}: 'tools' must be a list of OpenAI tool definitions")
+            conv.tools = rec["tools"]
+        return conv
     if fmt == "sharegpt":
         if not isinstance(rec.get("conversations"), list):
             raise LMForgeError(f"{where}: no 'conversations' list (fields: {', '.join(map(str, rec))})")
@@ -168,32 +181,34 @@ def _trim_reply(span: str, ends: list[str]) -> tuple[str, str]:
     return span, ""
 
 
-def _render_prompt(tok: Tokenizer, messages: Messages) -> str:
+def _render_prompt(tok: Tokenizer, messages: Messages, tools: Any = None) -> str:
     """The rendering that precedes a reply. With no messages at all some templates still write a preamble
     (a default system prompt); others cannot render an empty conversation, which then has none."""
     if messages:
-        return tok.apply_chat_template(messages, add_generation_prompt=True)
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
     try:
-        return tok.apply_chat_template([], add_generation_prompt=True)
+        return tok.apply_chat_template([], add_generation_prompt=True, tools=tools)
     except (LMForgeError, IndexError, KeyError, TypeError):
         return ""
 
 
-def render_segments(tok: Tokenizer, messages: Messages, train_from: int = 0) -> list[tuple[str, bool]]:
+def render_segments(tok: Tokenizer, messages: Messages, train_from: int = 0,
+                    tools: list[dict[str, Any]] | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) segments that concatenate to the full rendering.
 
     An assistant message at index >= train_from is trained; its text is the difference between the
-    rendering through it and the rendering before it with the generation prompt.
+    rendering through it and the rendering before it with the generation prompt. ``tools`` are passed to
+    the template (for conversations with tool calls, see `tool_rendering`).
     """
-    full = tok.apply_chat_template(messages, add_generation_prompt=False)
+    full = tok.apply_chat_template(messages, add_generation_prompt=False, tools=tools)
     ends = _end_tokens(tok)
     segments: list[tuple[str, bool]] = []
     pos = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < train_from:
             continue
-        before = _render_prompt(tok, messages[:i])
-        through = tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
+        before = _render_prompt(tok, messages[:i], tools)
+        through = tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tools=tools)
         if not (full.startswith(through) and through.startswith(before)) or len(before) < pos:
             raise LMForgeError("the chat template does not render conversations incrementally (a prefix of the "
                                "conversation renders differently inside the whole), so replies cannot be located")
@@ -204,16 +219,35 @@ def render_segments(tok: Tokenizer, messages: Messages, train_from: int = 0) -> 
     return [(text, trained) for text, trained in segments if text]
 
 
+def tool_rendering(tok: Tokenizer, messages: Messages, tools: list[dict[str, Any]] | None
+                   ) -> tuple[Messages, list[dict[str, Any]] | None]:
+    """A conversation with tools offered, assistant ``tool_calls`` or ``tool`` messages as its chat template
+    is given it: the same rendering prompts and tools inside generation use (`lmforge.tools.calling.render`:
+    the template's own when it renders tools, else the built-in Hermes/Qwen format, where tool results are
+    user turns and so never trained)."""
+    from ..tools.calling import render, template_renders_tools
+
+    if not tools and not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        return messages, None
+    return render(messages, tools or [], template_renders_tools(tok.chat_template))
+
+
 def encode_conversation(tok: Tokenizer, messages: Messages, train_from: int = 0) -> Example:
-    """Token ids and assistant-only labels for a conversation."""
+    """Token ids and assistant-only labels for a conversation (tool results and everything else not written
+    by the assistant carry no labels)."""
     ids: list[int] = []
     labels: list[int] = []
-    for text, trained in render_segments(tok, messages, train_from):
+    if train_from == 0:  # (preference data, which sets train_from, has no tool turns)
+        messages, tools = tool_rendering(tok, messages, getattr(messages, "tools", None))
+    else:
+        tools = None
+    for text, trained in render_segments(tok, messages, train_from, tools):
         piece = tok.encode(text, add_special_tokens=False)
         ids += piece
         labels += piece if trained else [IGNORE] * len(piece)
+    # The prompt for samples: as rendered, so tool turns are in the plain roles the template takes.
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    return Example(ids, labels, messages[:last])
+    return Example(ids, labels, list(messages[:last]))
 
 
 def fit_length(ex: Example, max_length: int, overlong: str, stats: DataStats) -> Example | None:
@@ -238,7 +272,7 @@ def build_sft_examples(tok: Tokenizer, conversations: Sequence[Messages], max_le
     stats = DataStats(examples=len(conversations))
     out = []
     for msgs in conversations:
-        if not any(m["role"] == "assistant" and m["content"] for m in msgs):
+        if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in msgs):
             stats.skipped_invalid += 1
             continue
         ex = fit_length(encode_conversation(tok, msgs), max_length, overlong, stats)

@@ -20,7 +20,32 @@ from ..errors import LMForgeError
 from .grammar import CALL_CLOSE, CALL_OPEN
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-_CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
+_DECODER = json.JSONDecoder()
+MORE = "more"  # `call_end`: the text may still become a call; wait for more of it
+
+
+def call_end(text: str, start: int, final: bool = True) -> tuple[int, int] | str | None:
+    """Where the ``<tool_call>`` block opening at ``start`` ends: (end of its body, end of the block), or
+    None if it is not closed. The body is a JSON value, and a close tag inside one of its strings is part of
+    the string (a constrained call may write one there), so a body that parses ends the block at the close
+    tag that follows it. Otherwise the block runs to the first close tag, as written. Unless ``final``, a
+    block that may still close later (an unfinished body or close tag) gives `MORE`."""
+    body = start + len(CALL_OPEN)
+    first = text.find(CALL_CLOSE, body)
+    at = len(text) - len(text[body:].lstrip())
+    try:
+        _, stop = _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError as e:
+        # An open string or a body cut off at the end may still be completed by what follows.
+        if not final and (e.msg.startswith("Unterminated string") or e.pos >= len(text)):
+            return MORE
+    else:
+        tail = len(text) - len(text[stop:].lstrip())
+        if text.startswith(CALL_CLOSE, tail):
+            return stop, tail + len(CALL_CLOSE)
+        if not final and CALL_CLOSE.startswith(text[tail:]):
+            return MORE
+    return (first, first + len(CALL_CLOSE)) if first != -1 else None
 _TOOLS_VARIABLE = re.compile(r"\btools\b")
 
 FALLBACK_INSTRUCTIONS = (
@@ -212,14 +237,18 @@ def _parse_call(block: str, names: set[str] | None) -> dict[str, Any] | None:
 def parse_calls(text: str, names: set[str] | None = None) -> tuple[str | None, list[dict[str, Any]]]:
     """The content (text outside the calls; None when only calls) and the OpenAI tool calls in an output.
     A block that is not a call to one of ``names`` stays in the content, as written."""
-    calls, pieces, at = [], [], 0
-    for m in _CALL.finditer(text):
-        call = _parse_call(m.group(1), names)
-        if call is None:
-            continue
-        pieces.append(text[at:m.start()])
-        calls.append(call)
-        at = m.end()
+    calls, pieces, at, start = [], [], 0, text.find(CALL_OPEN)
+    while start != -1:
+        span = call_end(text, start)
+        if span is None:
+            break
+        body, end = span  # type: ignore[misc]
+        call = _parse_call(text[start + len(CALL_OPEN):body], names)
+        if call is not None:
+            pieces.append(text[at:start])
+            calls.append(call)
+            at = end
+        start = text.find(CALL_OPEN, end if call is not None else start + len(CALL_OPEN))
     pieces.append(text[at:])
     content = "".join(pieces)
     if calls:
@@ -267,15 +296,15 @@ class CallStream:
                 out += self._content(self.buf[:len(self.buf) - keep])
                 self.buf = self.buf[len(self.buf) - keep:]
                 return out
-            end = self.buf.find(CALL_CLOSE, start)
-            if end == -1:
+            span = call_end(self.buf, start, final=False)
+            if span is None or span == MORE:
                 out += self._content(self.buf[:start])
                 self.buf = self.buf[start:]
                 return out
-            block = self.buf[start + len(CALL_OPEN):end]
-            call = _parse_call(block, self.names)
+            body, end = span  # type: ignore[misc]
+            call = _parse_call(self.buf[start + len(CALL_OPEN):body], self.names)
             if call is None:
-                out += self._content(self.buf[:end + len(CALL_CLOSE)])
+                out += self._content(self.buf[:end])
             else:
                 out += self._content(self.buf[:start])
                 if not self.sent:
@@ -285,7 +314,7 @@ class CallStream:
                                             "function": {"name": fn["name"], "arguments": ""}}]})
                 out.append({"tool_calls": [{"index": self.calls, "function": {"arguments": fn["arguments"]}}]})
                 self.calls += 1
-            self.buf = self.buf[end + len(CALL_CLOSE):]
+            self.buf = self.buf[end:]
 
     def close(self) -> list[dict[str, Any]]:
         """What is still held at the end: an unfinished call or a partial opening, as content."""
