@@ -32,7 +32,7 @@ def test_readme_python_example_runs(smollm2_path: Path) -> None:
 
 
 PROBE = """
-import json, resource, sys
+import json, sys
 import lmforge
 from lmforge.formats import load_checkpoint
 from lmforge.quant import PackedLinear
@@ -44,7 +44,9 @@ m = load_checkpoint(sys.argv[1]).model
 size = sum(p.numel() * p.element_size() for p in m.parameters())
 packs = [mod.packed for mod in m.modules() if isinstance(mod, PackedLinear)] + [m.head_packed]
 size += sum(t.numel() * t.element_size() for p in packs if p is not None for t in (p.codes, p.scale, p.zero))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked from a large process (the
+# test runner, after it loaded a model) would report the parent's peak as its own.
+peak = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))
 print(json.dumps({"before": before, "peak": peak, "model": size}))
 """
 
