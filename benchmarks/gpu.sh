@@ -9,10 +9,14 @@
 #   call 2, carry [".gpu/p2"] (model part 2; .gpu/p1 stays on the warm machine), about 6 minutes:
 #       bash benchmarks/gpu.sh setup model generate serve hellaswag
 #
+#   a third call on the same machine (nothing to carry), about 8 minutes:
+#       bash benchmarks/gpu.sh setup model tools
+#
 # Steps: setup (unpack the wheels of missing dependencies into .gpu/site), info (nvidia-smi, torch),
 # train (gpt2-124m tokens/s and MFU), model (join and verify the GGUF), generate (bf16 prefill and decode
-# tok/s), serve (1 and 16 concurrent streams), hellaswag (full validation set, wall time). No step name
-# runs them all. Each step has a time bound; a failed step is recorded and the others still run.
+# tok/s), serve (1 and 16 concurrent streams), hellaswag (full validation set, wall time), tools (the
+# measured tables of docs/tools.md: GSM8K by strategy, LoRA SFT on GSM8K tool calls with tool execution on
+# and off, HumanEval direct and self-refine, function calling). No step name runs all but tools. Each step has a time bound; a failed step is recorded and the others still run.
 # $OUT/gpu.log has everything printed; $OUT/results.md has every result so far, ready for docs/benchmarks.md.
 #
 # GPU_DRY_RUN=1 runs the same steps on the CPU with tiny sizes, to check the script without a GPU.
@@ -196,10 +200,41 @@ step_hellaswag() {
     run hellaswag 240 "$PY" -m lmforge.cli eval "${args[@]}"
 }
 
+step_tools() {
+    local d=$G/p1/data n=500 he=() steps=400 tuned=$G/tools/sft/final rc=0
+    [[ $DRY == 1 ]] && { n=4; he=(--limit 3); steps=2; }
+    local ev=(smollm2-135m-instruct --tasks gsm8k --data "$d/gsm8k/test.jsonl" --limit $n --device "$DEV"
+              --batch-size 64 --fresh)
+    mkdir -p "$G/tools"
+    run gsm8k-direct 300 "$PY" -m lmforge.cli eval "${ev[@]}" --strategy direct || rc=1
+    run gsm8k-cot 300 "$PY" -m lmforge.cli eval "${ev[@]}" --strategy cot || rc=1
+    run gsm8k-cot-calculator 300 "$PY" -m lmforge.cli eval "${ev[@]}" --strategy cot --tools calculator || rc=1
+    run gsm8k-self-consistency 600 "$PY" -m lmforge.cli eval "${ev[@]}" --strategy self-consistency --n 5 || rc=1
+    run humaneval-direct 300 "$PY" -m lmforge.cli eval smollm2-135m-instruct --tasks humaneval --chat \
+        --data "$d/humaneval/HumanEval.jsonl.gz" --device "$DEV" --batch-size 64 --fresh "${he[@]}" || rc=1
+    run humaneval-self-refine 600 "$PY" -m lmforge.cli eval smollm2-135m-instruct --tasks humaneval \
+        --strategy self-refine --data "$d/humaneval/HumanEval.jsonl.gz" --device "$DEV" --batch-size 64 --fresh \
+        "${he[@]}" || rc=1
+    run function-calling 300 "$PY" benchmarks/function_calling.py smollm2-135m-instruct --device "$DEV" \
+        --max-batch 64 "${he[@]}" || rc=1
+    # A LoRA SFT on the converted GSM8K tool-call conversations, then the tuned model with tool execution on
+    # and off (off: it writes the results itself).
+    "$PY" -m lmforge.cli finetune gsm8k-tools "$d/gsm8k/train.jsonl" --out "$G/tools/gsm8k_tools.jsonl" &&
+        run sft-gsm8k-tools 600 "$PY" -m lmforge.cli finetune sft smollm2-135m-instruct --method lora \
+            --data "$G/tools/gsm8k_tools.jsonl" --out "$G/tools/sft" --max-steps $steps --batch-size 16 \
+            --max-length 768 --device "$DEV" || rc=1
+    for mode in on off; do
+        run "gsm8k-tuned-tools-$mode" 300 "$PY" -m lmforge.cli eval "$tuned" --tasks gsm8k \
+            --data "$d/gsm8k/test.jsonl" --limit $n --device "$DEV" --batch-size 64 --fresh --tools calculator \
+            --tool-execution $mode || rc=1
+    done
+    return $rc
+}
+
 failed=()
 for s in "${STEPS[@]}"; do
     if ! declare -F "step_$s" > /dev/null; then
-        echo "error: unknown step $s (steps: setup info train model generate serve hellaswag)" >&2
+        echo "error: unknown step $s (steps: setup info train model generate serve hellaswag tools)" >&2
         exit 1
     fi
     echo "== step $s"
@@ -215,7 +250,9 @@ done
     echo
     [[ -f $RES/info.txt ]] && grep -E "^torch |capability" "$RES/info.txt"
     echo
-    for s in train train-eager generate serve hellaswag; do
+    for s in train train-eager generate serve hellaswag gsm8k-direct gsm8k-cot gsm8k-cot-calculator \
+              gsm8k-self-consistency humaneval-direct humaneval-self-refine function-calling sft-gsm8k-tools \
+              gsm8k-tuned-tools-on gsm8k-tuned-tools-off; do
         [[ -f $RES/$s.md ]] && cat "$RES/$s.md"
     done
 } > "$OUT/results.md"

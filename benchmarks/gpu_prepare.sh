@@ -19,13 +19,16 @@ opentelemetry-api==1.45.2 pydantic==2.14.4 pydantic-core==2.50.5 pyyaml==6.0.4 r
 starlette==1.10.0 typing-extensions==4.16.0 typing-inspection==0.4.5 urllib3==2.8.0 uvicorn==0.54.0"
 
 rm -rf .gpu/p1 .gpu/p2
-mkdir -p .gpu/p1/wheels .gpu/p1/data/hellaswag .gpu/p1/data/tinyshakespeare .gpu/p2
+mkdir -p .gpu/p1/wheels .gpu/p1/data/hellaswag .gpu/p1/data/tinyshakespeare .gpu/p1/data/gsm8k \
+    .gpu/p1/data/humaneval .gpu/p2
 # shellcheck disable=SC2086
 "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
     -d .gpu/p1/wheels $WHEELS
 cp "$DATA/hellaswag/hellaswag_val_full.txt.bz2" .gpu/p1/data/hellaswag/
 cp "$DATA/tinyshakespeare/input.txt" .gpu/p1/data/tinyshakespeare/
+cp "$DATA/gsm8k/train.jsonl" "$DATA/gsm8k/test.jsonl" .gpu/p1/data/gsm8k/
+cp "$DATA/humaneval/HumanEval.jsonl.gz" .gpu/p1/data/humaneval/
 
 GGUF=$("$PY" -c "from lmforge.registry import resolve; print(resolve('smollm2-135m-instruct'))")
 SIZE=$(stat -c %s "$GGUF")
@@ -58,5 +61,7 @@ cat <<'MSG'
 ready. On the CUDA machine (each call from the repository root; keep the machine warm between them):
   call 1: carry [".gpu/p1"]  command: bash benchmarks/gpu.sh setup info train
   call 2: carry [".gpu/p2"]  command: bash benchmarks/gpu.sh setup model generate serve hellaswag
+  then, on the same machine, the tools measurements (about 8 minutes):
+          carry []  command: bash benchmarks/gpu.sh setup model tools
 each call leaves gpu.log and results.md (all results so far) in $OUT.
 MSG
