@@ -119,15 +119,7 @@ class LM:
         if not tools:
             return self.engine.generate(prompts, params)
         resolved = resolve_tools(tools)
-        seqs = [self.engine.add(p, params) for p in prompts]
-        for s in seqs:
-            s.tools = ToolRunner(resolved, self.tokenizer, max_tool_calls)
-        while not all(s.done for s in seqs):
-            self.engine.step()
-        failed = next((s for s in seqs if s.error is not None), None)
-        if failed is not None:
-            raise failed.error
-        return seqs
+        return self.engine.generate(prompts, params, lambda: ToolRunner(resolved, self.tokenizer, max_tool_calls))
 
     def tool_prompt(self, messages: str | Messages, tools: list[Tool | str]) -> str:
         """The chat prompt, as text, of a conversation that offers ``tools`` (Tool objects or names): what

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +32,7 @@ from ..model import Transformer
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from .kv_cache import KVCache, default_kv_memory, kv_bytes_per_token
 from .sampling import SamplerState, SamplingParams, TokenLogprob, token_logprob
-from .tooluse import closes_call, force_result
+from .tooluse import ToolHook, closes_call, force_result
 
 _ids = itertools.count()
 
@@ -430,11 +430,14 @@ class Engine:
         return delta
 
     # -- convenience loops -------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[Sequence]:
-        """Run prompts of any lengths to completion, batched; returns the finished sequences in order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 tools: Callable[[], ToolHook] | None = None) -> list[Sequence]:
+        """Run prompts of any lengths to completion, batched; returns the finished sequences in order.
+        ``tools`` makes each sequence's tool hook (`tooluse.ToolHook`): calls it writes run as they close."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         seqs = [self.add(p, sp) for p, sp in zip(prompts, plist)]
+        for s in seqs if tools is not None else ():
+            s.tools = tools()
         while not all(s.done for s in seqs):
             self.step()
         failed = next((s for s in seqs if s.error is not None), None)
