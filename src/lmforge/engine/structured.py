@@ -74,8 +74,12 @@ class JsonGrammars:
         self._llg = llguidance
         self.vocab_size = vocab_size
         self.stop_ids = [i for i in tokenizer.stop_token_ids if i < vocab_size]
-        self.lltok = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=vocab_size,
-                                            eos_token=self.stop_ids or None)
+        try:
+            self.lltok = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=vocab_size,
+                                                eos_token=self.stop_ids or None)
+        except TypeError:  # llguidance before 1.7 takes a single end-of-sequence id: the first stop token
+            self.lltok = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=vocab_size,
+                                                eos_token=self.stop_ids[0] if self.stop_ids else None)
         self.texts = [tokenizer.decode([i], skip_special_tokens=False) if i < tokenizer.vocab_size else ""
                       for i in range(vocab_size)]
         special = set(tokenizer.stop_token_ids)
