@@ -18,7 +18,7 @@ from lmforge.cli import main
 from lmforge.engine import Engine, SamplingParams
 from lmforge.errors import LMForgeError
 from lmforge.formats import kernel_dir, load_checkpoint
-from lmforge.model import ModelConfig
+from lmforge.model import ModelConfig, Transformer
 from lmforge.quant import kernels
 
 transformers = pytest.importorskip("transformers")
@@ -265,11 +265,14 @@ def _train_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str
 
 
 def test_t5_family_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """There is no encoder-decoder model: family t5 is a one-line error, not a decoder trained under its name."""
-    with pytest.raises(LMForgeError, match="unsupported family 't5'"):
+    """Family t5 is an encoder-decoder: without its decoder stack it is a one-line error, and it is never
+    built or trained as a decoder LM under its name."""
+    with pytest.raises(LMForgeError, match="decoder_layers must be positive for a t5 model"):
         ModelConfig.from_dict({"family": "t5"})
+    with pytest.raises(LMForgeError, match="encoder-decoder"):
+        Transformer(ModelConfig(family="t5", decoder_layers=1, position="relative"))
     rc, err = _train_tiny(tmp_path, capsys, "model.family=t5")
-    assert rc == 1 and len(err) == 1 and "unsupported family 't5'" in err[0], err
+    assert rc == 1 and len(err) == 1 and "decoder_layers must be positive for a t5 model" in err[0], err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("model.safetensors"))
 
 

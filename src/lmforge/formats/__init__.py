@@ -19,7 +19,7 @@ from torch import nn
 
 from ..device import placement, prepare_inference
 from ..errors import LMForgeError
-from ..model import ModelConfig, Transformer
+from ..model import ModelConfig, Transformer, make_model
 from ..quant import PackedWeight, accelerate, kernels
 from ..registry import home
 from ..tokenizer import Tokenizer
@@ -56,7 +56,7 @@ def build_model(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor | Pa
     from tqdm import tqdm
 
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = make_model(cfg)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, PackedWeight] = {}
@@ -157,11 +157,13 @@ def check_layout(cfg: ModelConfig, names: set[str], header_weights: Callable[[],
     config that disagrees with the weights (a layer count, a width) is refused at once, not after
     building every layer it names. ``header_weights`` yields our (name, meta tensor) pairs."""
     layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
-    if len(layers) != cfg.n_layers:
+    # An encoder-decoder's two stacks are counted where its config.json is read.
+    if len(layers) != cfg.n_layers and not cfg.decoder_layers:
         n = len(layers)
         raise LMForgeError(f"{where} gives {layer_key}={cfg.n_layers}, but the weights hold {n} layer{'s' * (n != 1)}")
     with torch.device("meta"):  # one block stands for all: every block has the same shapes
-        one = Transformer(dataclasses.replace(cfg, n_layers=1, sliding_layers=None))
+        one = make_model(dataclasses.replace(cfg, n_layers=1, decoder_layers=min(cfg.decoder_layers, 1),
+                                             sliding_layers=None))
     expected = {k: tuple(v.shape) for k, v in one.state_dict().items()}
     for name, t in header_weights():
         key = _LAYER_INDEX.sub(".layers.0.", "." + name, count=1).lstrip(".")
@@ -177,8 +179,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None,
                     progress: bool = False) -> Checkpoint:
     """Load a `.gguf` file or an HF-style directory (config.json + safetensors [+ tokenizer.json]).
 
-    ``packed`` keeps the codes of GGUF Q4_0/Q4_1/Q8_0 matrices for the CPU decode kernel (default: on
-    where it runs, i.e. fp32 on a CPU with AVX2 and a C compiler); results equal the dense path's.
+    ``packed`` keeps the codes of GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices for the CPU decode
+    kernels (default: on where they run, i.e. fp32 on a CPU with AVX2 and a C compiler); results equal the
+    dense path's.
     """
     dev, dt = placement(device, dtype)
     src = open_source(path)

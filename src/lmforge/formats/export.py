@@ -41,6 +41,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         }
     if cfg.family == "bert":
         return _bert_config(cfg)
+    if cfg.family == "t5":
+        return _t5_config(cfg)
+    if cfg.family == "bart":
+        return _bart_hf_config(cfg)
     if cfg.family not in ("llama", "qwen2"):
         raise LMForgeError(f"cannot export a {cfg.family} model to an HF directory yet")
     if cfg.family == "llama" and cfg.qkv_bias != cfg.out_bias:
@@ -85,6 +89,9 @@ def hf_tensors(model: Transformer, state_dict: dict[str, torch.Tensor] | None = 
             t = torch.cat([t.new_zeros(entry.kept[0], t.shape[1]), t])
         for name, piece in zip(entry.hf, t.split(entry.rows) if entry.rows else (t,)):
             yield (prefix + name if entry.base else name), piece
+    if cfg.family == "t5" and cfg.tie_embeddings and not cfg.output_scale:
+        # A tied, unscaled output has no HF T5 form but an untied one of the same values (see _t5_config).
+        yield "lm_head.weight", sd["tok_emb.weight"].clone()
 
 
 def _bert_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -101,6 +108,56 @@ def _bert_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.context_length + cfg.extra.get("position_offset", 0),
         "type_vocab_size": cfg.type_vocab_size, "pad_token_id": cfg.extra.get("pad_token_id", 0),
         "position_embedding_type": "absolute", "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def _t5_config(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.norm != "rmsnorm" or cfg.n_kv_heads != cfg.n_heads or cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
+        raise LMForgeError("an HF T5 has RMS norms, multi-head attention and no biases; this model differs")
+    act = _HF_ACT[cfg.activation]
+    if cfg.mlp == "swiglu":  # transformers reads "gated-gelu" as the tanh GELU, and has no gated exact GELU
+        if cfg.activation == "gelu":
+            raise LMForgeError("an HF T5 cannot express a gated MLP with the exact GELU "
+                               "(gated-gelu is the tanh one)")
+        ffp = "gated-gelu" if cfg.activation == "gelu_tanh" else f"gated-{act}"
+    else:
+        ffp = "gelu_new" if cfg.activation == "gelu_tanh" else act
+    # transformers scales the decoder output exactly when tie_word_embeddings is true, and ties the
+    # output matrix only when the file has none of its own: an unscaled model is saved untied.
+    extra = cfg.extra
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+        "d_model": cfg.dim, "d_kv": cfg.head_dim, "d_ff": cfg.ffn_dim, "num_layers": cfg.n_layers,
+        "num_decoder_layers": cfg.decoder_layers, "num_heads": cfg.n_heads,
+        "relative_attention_num_buckets": cfg.relative_buckets,
+        "relative_attention_max_distance": cfg.relative_max_distance, "layer_norm_epsilon": cfg.norm_eps,
+        "feed_forward_proj": ffp,
+        "tie_word_embeddings": cfg.output_scale, "scale_decoder_outputs": cfg.output_scale,
+        "is_encoder_decoder": True, "n_positions": cfg.context_length,
+        "pad_token_id": extra.get("pad_token_id", 0), "eos_token_id": extra.get("eos_token_id", 1),
+        "decoder_start_token_id": extra.get("decoder_start_token_id", 0), "torch_dtype": "float32",
+    }
+
+
+def _bart_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    if not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias and cfg.mlp == "gelu" and cfg.n_kv_heads == cfg.n_heads
+            and cfg.head_dim * cfg.n_heads == cfg.dim and cfg.norm_eps == 1e-5):
+        raise LMForgeError("an HF BART has biases, a plain MLP, multi-head attention of the model's width and "
+                           "LayerNorm eps 1e-5; this model differs")
+    if not cfg.tie_embeddings:
+        raise LMForgeError("an HF BART's output matrix is its token embedding; this model has its own")
+    e = cfg.extra
+    return {
+        "architectures": ["BartForConditionalGeneration"], "model_type": "bart", "vocab_size": cfg.vocab_size,
+        "d_model": cfg.dim, "encoder_layers": cfg.n_layers, "decoder_layers": cfg.decoder_layers,
+        "encoder_attention_heads": cfg.n_heads, "decoder_attention_heads": cfg.n_heads,
+        "encoder_ffn_dim": cfg.ffn_dim, "decoder_ffn_dim": cfg.ffn_dim,
+        "activation_function": _HF_ACT[cfg.activation],
+        "max_position_embeddings": cfg.context_length,  # transformers adds the two unused rows
+        "scale_embedding": cfg.embed_scale, "is_encoder_decoder": True, "tie_word_embeddings": True,
+        **{k: e.get(k, d) for k, d in (("pad_token_id", 1), ("bos_token_id", 0), ("eos_token_id", 2),
+                                       ("decoder_start_token_id", 2))},
+        "torch_dtype": "float32",
     }
 
 

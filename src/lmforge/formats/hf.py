@@ -72,6 +72,10 @@ def config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None) -> 
                            "lmforge loads unquantized safetensors; convert the model or use a GGUF file")
     if mt in _BERT_LIKE:
         return _bert_config(hf, tensor_names)
+    if mt == "t5":
+        return _t5_config(hf, tensor_names)
+    if mt == "bart":
+        return _bart_config(hf, tensor_names)
     if mt in _LLAMA_LIKE:
         n_heads = _get(hf, "num_attention_heads", "size")
         dim = _get(hf, "hidden_size", "size")
@@ -125,7 +129,7 @@ def config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None) -> 
             **_CLASSIC,
         )
     raise LMForgeError(f"unsupported model_type {mt!r} in config.json "
-                       "(supported: llama, mistral, qwen2, gpt2, bert, roberta, xlm-roberta)")
+                       "(supported: llama, mistral, qwen2, gpt2, bert, roberta, xlm-roberta, t5, bart)")
 
 
 def _sliding_window(hf: dict[str, Any], mt: str, n_layers: int) -> tuple[int, list[int] | None]:
@@ -199,6 +203,97 @@ def _bert_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
         head="mlm" if mlm else "none",
         pooler=pooler,
         extra={"hf_model_type": mt, "pad_token_id": _get(hf, "pad_token_id", "count", 0), "position_offset": offset},
+    )
+
+
+def _t5_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
+    """T5 v1.0 (ReLU MLP) and v1.1 / flan-T5 (gated-GELU MLP). ``names`` (the checkpoint's tensors)
+    settle whether the output matrix is its own, and count each stack's blocks."""
+    ffp = _get(hf, "feed_forward_proj", "text", "relu")
+    parts = ffp.split("-")
+    act = "gelu_new" if ffp == "gated-gelu" else parts[-1]  # transformers' reading of the name
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or act not in _ACT:
+        raise LMForgeError(f"unsupported feed_forward_proj {ffp!r} in config.json (supported: an activation "
+                           f"of {', '.join(sorted(_ACT))}, optionally gated-, e.g. relu or gated-gelu)")
+    n_layers = _get(hf, "num_layers", "size")
+    decoder_layers = _get(hf, "num_decoder_layers", "size", n_layers)
+    # transformers reads tie_word_embeddings as "scale the decoder output" (and may save that choice as
+    # scale_decoder_outputs); whether the output matrix is the embedding is what the file holds.
+    tied_flag = _get(hf, "tie_word_embeddings", "flag", True)
+    scale = _get(hf, "scale_decoder_outputs", "flag", tied_flag)
+    tied = tied_flag if names is None else "lm_head.weight" not in names
+    _check_depths(names, "{}.block.", (("encoder", n_layers, "num_layers"),
+                                       ("decoder", decoder_layers, "num_decoder_layers")))
+    n_heads = _get(hf, "num_heads", "size")
+    dim = _get(hf, "d_model", "size")
+    return ModelConfig(
+        family="t5",
+        vocab_size=_get(hf, "vocab_size", "size"),
+        dim=dim,
+        n_layers=n_layers,
+        decoder_layers=decoder_layers,
+        n_heads=n_heads,
+        head_dim=_get(hf, "d_kv", "size", 64),
+        ffn_dim=_get(hf, "d_ff", "size"),
+        norm="rmsnorm",
+        norm_eps=float(_get(hf, "layer_norm_epsilon", "number", 1e-6)),
+        mlp="swiglu" if parts[0] == "gated" else "gelu",
+        activation=_ACT[act],
+        position="relative",
+        relative_buckets=_get(hf, "relative_attention_num_buckets", "size", 32),
+        relative_max_distance=_get(hf, "relative_attention_max_distance", "size", 128),
+        tie_embeddings=tied,
+        output_scale=scale,
+        context_length=_get(hf, "n_positions", "size", 512),
+        extra={"hf_model_type": "t5", "pad_token_id": _get(hf, "pad_token_id", "count", 0),
+               "eos_token_id": _get(hf, "eos_token_id", "count", 1),
+               "decoder_start_token_id": _get(hf, "decoder_start_token_id", "count", 0)},
+    )
+
+
+def _check_depths(names: set[str] | None, pattern: str, stacks: tuple[tuple[str, int, str], ...]) -> None:
+    """Each stack's block count in the checkpoint (``names``; blocks named ``pattern`` of the stack,
+    then the index) against config.json's, naming the key."""
+    if names is None:
+        return
+    for stack, want, key in stacks:
+        start = pattern.format(stack)
+        blocks = {n.split(start, 1)[1].split(".")[0] for n in names if start in n}
+        if len(blocks) != want:
+            raise LMForgeError(f"config.json gives {key}={want}, "
+                               f"but the weights hold {len(blocks)} {stack} blocks")
+
+
+def _bart_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
+    """BART: post-norm encoder and decoder of one width, learned positions numbered from 2."""
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if _get(hf, a, "size") != _get(hf, b, "size"):
+            raise LMForgeError(f"unsupported config.json: {a}={hf[a]} differs from {b}={hf[b]} "
+                               "(lmforge's encoder and decoder blocks share one shape)")
+    for key in ("normalize_before", "add_final_layer_norm"):  # mBART-style pre-norm: another model
+        _refuse(hf, key, False, "lmforge runs BART as the post-norm model")
+    n_layers, decoder_layers = _get(hf, "encoder_layers", "size"), _get(hf, "decoder_layers", "size")
+    _check_depths(names, "{}.layers.", (("encoder", n_layers, "encoder_layers"),
+                                        ("decoder", decoder_layers, "decoder_layers")))
+    ids = {k: _get(hf, k, "count", d) for k, d in (("pad_token_id", 1), ("bos_token_id", 0), ("eos_token_id", 2),
+                                                    ("decoder_start_token_id", 2))}
+    return ModelConfig(
+        family="bart",
+        vocab_size=_get(hf, "vocab_size", "size"),
+        dim=_get(hf, "d_model", "size"),
+        n_layers=n_layers,
+        decoder_layers=decoder_layers,
+        n_heads=_get(hf, "encoder_attention_heads", "size"),
+        ffn_dim=_get(hf, "encoder_ffn_dim", "size"),
+        norm_eps=1e-5,  # torch's LayerNorm default, which BART uses
+        norm_position="post",
+        activation=_act(hf, "activation_function", "gelu"),
+        # The output matrix is the embedding unless the file holds one of its own (as transformers reads it).
+        **(_CLASSIC | {"tie_embeddings": names is None or "lm_head.weight" not in names}),
+        context_length=_get(hf, "max_position_embeddings", "size", 1024),
+        embed_scale=_get(hf, "scale_embedding", "flag", False),
+        logits_bias=names is None or "final_logits_bias" in names,
+        extra={"hf_model_type": "bart", "position_offset": 2, **ids},
     )
 
 

@@ -3,7 +3,7 @@
 Loading HF directories (`formats.hf`), exporting them (`formats.export`) and PEFT adapters
 (`finetune.lora`) all read it. Our fused matrices (q/k/v, gate/up) are several HF tensors stacked
 along the rows; GPT-2 stores its linear weights transposed (Conv1D); RoBERTa keeps position rows
-we drop.
+we drop, and so does BART; T5 keeps each stack's position-bias table in its first block.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def base_prefix(cfg: ModelConfig) -> str:
         return "transformer."
     if cfg.family == "bert":
         return "bert." if cfg.extra.get("hf_model_type", "bert") == "bert" else "roberta."
+    if cfg.family == "t5":
+        return ""
     return "model."
 
 
@@ -66,6 +68,10 @@ def hf_names(cfg: ModelConfig) -> list[HFName]:
         return _gpt2(cfg)
     if cfg.family == "bert":
         return _bert(cfg)
+    if cfg.family == "t5":
+        return _t5(cfg)
+    if cfg.family == "bart":
+        return _bart(cfg)
     return _llama(cfg)
 
 
@@ -135,4 +141,71 @@ def _bert(cfg: ModelConfig) -> list[HFName]:
             out += [HFName(f"mlm_dense.{k}", (f"{h}{dense}.{k}",), base=False),
                     HFName(f"mlm_norm.{k}", (f"{h}{norm}.{k}",), base=False)]
         out.append(HFName("mlm_bias", (h + "bias",), base=False))
+    return out
+
+
+def _t5(cfg: ModelConfig) -> list[HFName]:
+    """T5 (T5ForConditionalGeneration): one shared embedding, an encoder and a decoder stack whose blocks
+    hold numbered sublayers (self-attention, [cross-attention,] feed-forward), no biases."""
+    qkv, kv = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim), (cfg.kv_dim, cfg.kv_dim)
+    out = [HFName("tok_emb.weight", ("shared.weight",))]
+    for stack, n in (("encoder", cfg.n_layers), ("decoder", cfg.decoder_layers)):
+        out.append(HFName(f"{stack}.pos_bias.weight",
+                          (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)))
+        for i in range(n):
+            o, p = f"{stack}.layers.{i}.", f"{stack}.block.{i}.layer."
+            a = p + "0.SelfAttention."
+            out += [HFName(o + "attn_norm.weight", (p + "0.layer_norm.weight",)),
+                    HFName(o + "attn.qkv.weight", tuple(a + f"{x}.weight" for x in "qkv"), qkv),
+                    HFName(o + "attn.o.weight", (a + "o.weight",))]
+            ff = 1
+            if stack == "decoder":
+                c, ff = p + "1.EncDecAttention.", 2
+                out += [HFName(o + "cross_norm.weight", (p + "1.layer_norm.weight",)),
+                        HFName(o + "cross.q.weight", (c + "q.weight",)),
+                        HFName(o + "cross.kv.weight", (c + "k.weight", c + "v.weight"), kv),
+                        HFName(o + "cross.o.weight", (c + "o.weight",))]
+            m = p + f"{ff}.DenseReluDense."
+            out.append(HFName(o + "mlp_norm.weight", (p + f"{ff}.layer_norm.weight",)))
+            if cfg.mlp == "swiglu":  # gated: act(wi_0 x) * wi_1 x
+                out.append(HFName(o + "mlp.gate_up.weight", (m + "wi_0.weight", m + "wi_1.weight"),
+                                  (cfg.ffn_dim, cfg.ffn_dim)))
+            else:
+                out.append(HFName(o + "mlp.fc.weight", (m + "wi.weight",)))
+            out.append(HFName(o + "mlp.down.weight", (m + "wo.weight",)))
+        out.append(HFName(f"{stack}.norm.weight", (f"{stack}.final_layer_norm.weight",)))
+    if not cfg.tie_embeddings:
+        out.append(HFName("lm_head.weight", ("lm_head.weight",), base=False))
+    return out
+
+
+def _bart(cfg: ModelConfig) -> list[HFName]:
+    """BART (BartForConditionalGeneration): post-norm stacks with learned positions (two unused rows
+    first), an embedding LayerNorm, biases everywhere, and a fixed bias on the logits."""
+    off = cfg.extra.get("position_offset", 2)
+    qkv, kv = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim), (cfg.kv_dim, cfg.kv_dim)
+    out = [HFName("tok_emb.weight", ("shared.weight",))]
+    for stack, n in (("encoder", cfg.n_layers), ("decoder", cfg.decoder_layers)):
+        out.append(HFName(f"{stack}.pos_emb.weight", (f"{stack}.embed_positions.weight",),
+                          kept=(off, off + cfg.context_length)))
+        out += [HFName(f"{stack}.emb_norm.{k}", (f"{stack}.layernorm_embedding.{k}",)) for k in WEIGHT_BIAS]
+        for i in range(n):
+            o, p = f"{stack}.layers.{i}.", f"{stack}.layers.{i}."
+            for k in WEIGHT_BIAS:
+                out += [HFName(o + f"attn.qkv.{k}", tuple(p + f"self_attn.{x}_proj.{k}" for x in "qkv"), qkv),
+                        HFName(o + f"attn.o.{k}", (p + f"self_attn.out_proj.{k}",)),
+                        HFName(o + f"attn_norm.{k}", (p + f"self_attn_layer_norm.{k}",))]
+                if stack == "decoder":
+                    c = p + "encoder_attn."
+                    out += [HFName(o + f"cross.q.{k}", (c + f"q_proj.{k}",)),
+                            HFName(o + f"cross.kv.{k}", (c + f"k_proj.{k}", c + f"v_proj.{k}"), kv),
+                            HFName(o + f"cross.o.{k}", (c + f"out_proj.{k}",)),
+                            HFName(o + f"cross_norm.{k}", (p + f"encoder_attn_layer_norm.{k}",))]
+                out += [HFName(o + f"mlp.fc.{k}", (p + f"fc1.{k}",)),
+                        HFName(o + f"mlp.down.{k}", (p + f"fc2.{k}",)),
+                        HFName(o + f"mlp_norm.{k}", (p + f"final_layer_norm.{k}",))]
+    if not cfg.tie_embeddings:
+        out.append(HFName("lm_head.weight", ("lm_head.weight",), base=False))
+    if cfg.logits_bias:
+        out.append(HFName("logits_bias", ("final_logits_bias",), base=False))
     return out

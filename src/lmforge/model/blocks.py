@@ -1,4 +1,4 @@
-"""Blocks shared by every family: norms, rotary positions, attention, MLP, the residual block.
+"""Blocks shared by every family: norms, rotary positions, self- and cross-attention, MLP, residual blocks.
 
 Weights are fused where the math allows (q/k/v in one matrix, gate/up in one matrix) so a decode
 step runs fewer, larger matmuls; the loaders fuse at load time and exporters split again.
@@ -7,6 +7,7 @@ step runs fewer, larger matmuls; the loaders fuse at load time and exporters spl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -111,7 +112,18 @@ class KVStore(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class CrossKVStore(KVStore, Protocol):
+    """A decoder's KV store that also keeps the encoder-side keys/values of cross-attention, made once
+    per sequence: `cross` returns those of the bound rows for one layer, calling ``make`` (which
+    projects the memory given to that forward) for rows that have none yet."""
+
+    def cross(self, layer: int, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+              ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class Attention(nn.Module):
+    scale: float | None = None  # None: SDPA's 1/sqrt(head_dim)
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -140,9 +152,58 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+            enable_gqa=self.n_heads != self.n_kv_heads,
         )
         return self.o(y.transpose(1, 2).reshape(b, t, self.q_dim))
+
+
+class UnscaledAttention(Attention):
+    """T5's self-attention: scores are not scaled (its init folds 1/sqrt(head_dim) into the weights) and
+    the relative position bias arrives in the additive ``mask``. A type of its own, so CPU fast paths
+    written for scaled, bias-free attention pass it by."""
+
+    scale = 1.0
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attending to the encoder's output (the memory): q from the decoder, k/v from the
+    memory; unscaled with relative positions (T5), as its self-attention."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.scale = UnscaledAttention.scale if cfg.position == "relative" else None
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.q_dim, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.out_bias)
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory [b, S, dim] projected to keys and values, each [b, kv heads, S, head_dim]."""
+        b, s, _ = memory.shape
+        kv = self.kv(memory).view(b, s, -1, self.head_dim).transpose(1, 2)
+        return kv[:, : self.n_kv_heads], kv[:, self.n_kv_heads:]
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None, mask: torch.Tensor | None,
+                cache: CrossKVStore | None) -> torch.Tensor:
+        """x [b, t, dim]; ``mask`` [b, 1, 1, S] (True: a real source token) or None; with a cache, the
+        memory is projected only for rows whose keys/values it does not hold yet."""
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.cross(self.layer, lambda: self.keys_values(_need(memory)))
+        else:
+            k, v = self.keys_values(_need(memory))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def _need(memory: torch.Tensor | None) -> torch.Tensor:
+    if memory is None:
+        raise LMForgeError("cross-attention needs the encoder's output: no memory given and none cached")
+    return memory
 
 
 class MLP(nn.Module):
@@ -165,17 +226,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One residual block. Pre-norm (GPT, Llama) or post-norm (BERT) by config switch.
-
-    An encoder-decoder decoder block adds cross-attention between the two sublayers; that is a
-    second Attention fed with the encoder's keys/values, so it slots in here without a rewrite.
-    """
+    """One residual block. Pre-norm (GPT, Llama, T5) or post-norm (BERT) by config switch."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer)
+        self.attn = (UnscaledAttention if cfg.position == "relative" else Attention)(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
@@ -184,4 +241,24 @@ class Block(nn.Module):
             x = x + self.attn(self.attn_norm(x), **attn_kwargs)
             return x + self.mlp(self.mlp_norm(x))
         x = self.attn_norm(x + self.attn(x, **attn_kwargs))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class DecoderBlock(Block):
+    """An encoder-decoder's decoder block: causal self-attention, cross-attention to the encoder's output,
+    then the MLP; pre-norm (T5) or post-norm (BART)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__(cfg, layer)
+        self.cross_norm = make_norm(cfg)
+        self.cross = CrossAttention(cfg, layer)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None, mask: torch.Tensor,  # type: ignore[override]
+                cross_mask: torch.Tensor | None, cache: CrossKVStore | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), rope=None, mask=mask, is_causal=False, cache=cache)
+            x = x + self.cross(self.cross_norm(x), memory, cross_mask, cache)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, rope=None, mask=mask, is_causal=False, cache=cache))
+        x = self.cross_norm(x + self.cross(x, memory, cross_mask, cache))
         return self.mlp_norm(x + self.mlp(x))

@@ -8,14 +8,16 @@ from typing import Any
 
 from ..errors import LMForgeError
 
-FAMILIES = ("llama", "qwen2", "gpt2", "bert")
+FAMILIES = ("llama", "qwen2", "gpt2", "bert", "t5", "bart")
+ENCODER_DECODERS = ("t5", "bart")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-POSITIONS = ("rope", "learned", "none")
+POSITIONS = ("rope", "learned", "none", "relative")
 HEADS = ("lm", "mlm", "none")
 ROPE_SCALINGS = ("linear", "llama3")
 _INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "context_length")
+_COUNTS = ("sliding_window", "type_vocab_size", "decoder_layers", "relative_buckets", "relative_max_distance")
 
 
 @dataclass
@@ -52,6 +54,15 @@ class ModelConfig:
     # matrix) or "none" (a bare encoder: forward returns hidden states).
     head: str = "lm"
     pooler: bool = False  # BERT's pooler: dense + tanh over the first token's hidden state
+    # Encoder-decoder (T5, BART): the decoder's depth, n_layers being the encoder's; 0: not an encoder-decoder.
+    decoder_layers: int = 0
+    # T5's relative position bias (position "relative"): the number of buckets, and the distance from
+    # which all positions share the last bucket. Attention scores are then not scaled by 1/sqrt(head_dim).
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    output_scale: bool = False  # T5 with tied embeddings: final decoder states times dim**-0.5 before the head
+    embed_scale: bool = False  # BART's scale_embedding: token embeddings times sqrt(dim)
+    logits_bias: bool = False  # BART's final_logits_bias: a fixed vector added to the logits
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific values carried for export
 
     def __post_init__(self) -> None:
@@ -68,7 +79,7 @@ class ModelConfig:
         """Each field's JSON type, before any arithmetic on it: a one-line error naming the field."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _INTS or f.name in ("sliding_window", "type_vocab_size"):
+            if f.name in _INTS or f.name in _COUNTS:
                 ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
                 if value is None and f.name in ("n_kv_heads", "head_dim"):
                     ok = True
@@ -115,6 +126,7 @@ class ModelConfig:
         if self.type_vocab_size < 0:
             raise LMForgeError(f"type_vocab_size must not be negative, got {self.type_vocab_size}")
         self._check_rope_scaling()
+        self._check_encoder_decoder()
         if self.sliding_window < 0:
             raise LMForgeError(f"sliding_window must not be negative, got {self.sliding_window}")
         if self.sliding_window and not self.causal:
@@ -123,6 +135,32 @@ class ModelConfig:
             bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layers]
             if bad:
                 raise LMForgeError(f"sliding_layers names layer {bad[0]}, but the model has {self.n_layers} layers")
+
+    def _check_encoder_decoder(self) -> None:
+        seq2seq = self.family in ENCODER_DECODERS
+        if seq2seq != (self.decoder_layers > 0):
+            raise LMForgeError(f"decoder_layers must be positive for a {self.family} model and 0 otherwise, "
+                               f"got {self.decoder_layers}" if seq2seq else
+                               f"decoder_layers applies to encoder-decoders ({', '.join(ENCODER_DECODERS)}) only, "
+                               f"got {self.decoder_layers} for a {self.family} model")
+        if (self.family == "t5") != (self.position == "relative"):
+            raise LMForgeError("a t5 model, and only a t5 model, has relative positions (position 'relative')")
+        if self.family == "t5" and self.norm_position != "pre":
+            raise LMForgeError("a t5 model is pre-norm (norm_position 'pre')")
+        if self.output_scale and self.family != "t5":
+            raise LMForgeError("output_scale applies to t5 models only")
+        bart = ("post", "learned", "layernorm")
+        if self.family == "bart" and (self.norm_position, self.position, self.norm) != bart:
+            raise LMForgeError("a bart model is post-norm with LayerNorm and learned positions")
+        for name in ("embed_scale", "logits_bias"):
+            if getattr(self, name) and self.family != "bart":
+                raise LMForgeError(f"{name} applies to bart models only")
+        # The bucketing takes a logarithm of distance / exact range: both must be positive.
+        if self.relative_buckets < 4:
+            raise LMForgeError(f"relative_buckets must be at least 4, got {self.relative_buckets}")
+        if self.relative_max_distance <= self.relative_buckets // 2:
+            raise LMForgeError(f"relative_max_distance must exceed relative_buckets / 2, "
+                               f"got {self.relative_max_distance}")
 
     def _check_rope_scaling(self) -> None:
         sc = self.rope_scaling

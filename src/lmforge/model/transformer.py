@@ -20,6 +20,9 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.decoder_layers:  # never a decoder LM built from an encoder-decoder's switches
+            raise LMForgeError(f"a {cfg.family} model is an encoder-decoder (model.EncoderDecoder), "
+                               "not a Transformer")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.dim) if cfg.position == "learned" else None
