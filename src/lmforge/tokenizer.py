@@ -42,6 +42,8 @@ _SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3
 GGUF_PRE_TOKENIZERS = ("gpt-2", "default", "smollm", *_SPLITS)
 
 
+# What transformers' T5 tokenizer assumes when a directory names no special tokens.
+_T5_SPECIAL_TOKENS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 _CONTINUE_MARK = "\u2063lmforge-continue\u2063"  # invisible separators: no template or text writes these
 
 
@@ -73,6 +75,81 @@ def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     raise LMForgeError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+
+
+# `tokenizer.ggml.model` values lmforge rebuilds.
+GGUF_TOKENIZER_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
+# Architectures whose SentencePiece GGUF vocabularies are spelled or merged differently from Llama's.
+_SPM_OTHER_SPELLINGS = ("gemma", "gemma2", "gemma3", "gemma3n", "phi3")
+SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _gguf_byte_level(meta: dict[str, Any], tokens: list[str], types: list[int]) -> HFTokenizer:
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+
+    def spell(t: str) -> str:  # tokens outside the byte alphabet are stored as raw text
+        return t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))
+
+    vocab = {spell(t): i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    hf.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    hf.decoder = decoders.ByteLevel()
+    # Control tokens (type 3) are special; user-defined ones (type 4) must still match whole.
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+                           if ty == 3 and set(t) <= spelled])
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    if user:
+        hf.add_tokens(user)
+    return hf
+
+
+def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a piece into two pieces, ranked by
+    the piece's score (best first), then by the lengths of the halves, as transformers derives them."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked: list[tuple[str, str, float]] = []
+    for piece, score in dict(zip(tokens, scores)).items():
+        halves = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        ranked.extend(sorted(halves, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    ranked.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep vocab order
+    return [(a, b) for a, b, _ in ranked]
+
+
+def _gguf_sentencepiece(meta: dict[str, Any], tokens: list[str], types: list[int],
+                        named: list[str]) -> HFTokenizer:
+    """SentencePiece BPE as llama.cpp's `llama` vocabulary describes it, built as transformers builds it
+    (`LlamaTokenizer`): merges from the scores, byte fallback to `<0xNN>`, `▁` for spaces."""
+    arch = meta.get("general.architecture")
+    if arch in _SPM_OTHER_SPELLINGS:
+        raise LMForgeError(f"unsupported GGUF tokenizer: SentencePiece vocabulary of architecture {arch!r}")
+    if "tokenizer.ggml.merges" in meta:
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise LMForgeError("GGUF SentencePiece tokenizer: tokenizer.ggml.scores is missing or does not match "
+                               f"the {len(tokens)} tokens")
+        merges = spm_merges(tokens, scores)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    # add_space_prefix: "hi" is read as " hi" (only at the start of the text, as transformers does).
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first" if prefix else "never",
+                                                split=False)
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
+    # Unknown (2) and control (3) tokens, and the ones the file names (BOS, EOS, ...), are special;
+    # user-defined ones (4) are matched whole in the text but kept when decoding.
+    special = [t for t, ty in zip(tokens, types) if ty in (2, 3)]
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in dict.fromkeys([*special, *named])])
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    if user:
+        hf.add_tokens(user)
+    return hf
 
 
 def _compile_template(template: str) -> Any:
@@ -155,8 +232,17 @@ class Tokenizer:
             eos = read_json(path / "generation_config.json").get("eos_token_id")
             extra = [eos] if isinstance(eos, int) else list(eos or [])
 
+        # Special tokens: tokenizer_config.json, else special_tokens_map.json, else the tokenizer class's
+        # defaults (T5 directories often ship tokenizer.json alone).
+        smap = read_json(path / "special_tokens_map.json") if (path / "special_tokens_map.json").exists() else {}
+        model_type = read_json(path / "config.json").get("model_type") if (path / "config.json").exists() else None
+        t5 = model_type == "t5" or str(cfg.get("tokenizer_class", "")).startswith("T5")
+        defaults = _T5_SPECIAL_TOKENS if t5 else {}
+
         def tok(name: str) -> str | None:
-            v = cfg.get(name)
+            v = cfg[name] if name in cfg else smap.get(name)
+            if v is None and name not in cfg and hf.token_to_id(defaults.get(name, "")) is not None:
+                v = defaults[name]
             return v.get("content") if isinstance(v, dict) else v
 
         return cls(hf, bos_token=tok("bos_token"), eos_token=tok("eos_token"), pad_token=tok("pad_token"),
@@ -164,45 +250,40 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
-        """Rebuild the tokenizer from `tokenizer.ggml.*` metadata (tokens, merges, types, pre-tokenizer)."""
+        """Rebuild the tokenizer from `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) or SentencePiece
+        BPE (`llama`: tokens, scores and types, byte fallback, the `▁` space)."""
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise LMForgeError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2 byte-level BPE)")
+        if kind not in GGUF_TOKENIZER_MODELS:
+            raise LMForgeError(f"unsupported GGUF tokenizer model {kind!r} "
+                               f"(supported: {', '.join(f'{k} ({v})' for k, v in GGUF_TOKENIZER_MODELS.items())})")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        alphabet = _byte_alphabet()
-        spelled = set(alphabet.values())
-
-        def spell(t: str) -> str:  # tokens outside the byte alphabet are stored as raw text
-            return t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))
-
-        vocab = {spell(t): i for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        hf.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
-        hf.decoder = decoders.ByteLevel()
-        # Control tokens (type 3) are special; user-defined ones (type 4) must still match whole.
-        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
-                   if ty == 3 and set(t) <= spelled]
-        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
-        hf.add_special_tokens(special)
-        if user:
-            hf.add_tokens(user)
 
         def tok(key: str) -> str | None:
             i = meta.get(f"tokenizer.ggml.{key}")
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-        bos = tok("bos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-            hf.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[spell(bos)])]
-            )
+        named = {k: tok(f"{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
+        if kind == "gpt2":
+            hf = _gguf_byte_level(meta, tokens, types)
         else:
+            hf = _gguf_sentencepiece(meta, tokens, types, [t for t in named.values() if t is not None])
+        # llama.cpp (and transformers) add BOS to a SentencePiece vocabulary unless the file says otherwise.
+        add = {k: tokens[i] for k in ("bos", "eos")
+               if meta.get(f"tokenizer.ggml.add_{k}_token", kind == "llama" and k == "bos")
+               and (i := meta.get(f"tokenizer.ggml.{k}_token_id")) is not None and 0 <= i < len(tokens)}
+        if add:
+            def template(seq: str, type_id: int) -> list[str]:
+                return [f"{t}:{type_id}" for t in [add.get("bos"), f"${seq}", add.get("eos")] if t]
+
+            hf.post_processor = processors.TemplateProcessing(
+                single=template("A", 0), pair=template("A", 0) + template("B", 1),
+                special_tokens=[(t, meta[f"tokenizer.ggml.{k}_token_id"]) for k, t in add.items()])
+        elif kind == "gpt2":
             hf.post_processor = processors.ByteLevel(trim_offsets=False)
         extra = [meta["tokenizer.ggml.eot_token_id"]] if "tokenizer.ggml.eot_token_id" in meta else []
-        return cls(hf, bos_token=bos, eos_token=tok("eos_token_id"), pad_token=tok("padding_token_id"),
-                   unk_token=tok("unknown_token_id"), chat_template=meta.get("tokenizer.chat_template"),
+        return cls(hf, bos_token=named["bos"], eos_token=named["eos"], pad_token=named["padding"],
+                   unk_token=named["unknown"], chat_template=meta.get("tokenizer.chat_template"),
                    extra_stop_ids=extra)
 
     # -- encode / decode ---------------------------------------------------------------------------

@@ -14,10 +14,17 @@ def add_parsers(sub: Any) -> None:
     """Add the training commands to the `lmforge` subcommand parser."""
     p = sub.add_parser("tokenizer", help="train tokenizers")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE (or --char) tokenizer on text/JSONL files")
+    t = tsub.add_parser("train", help="train a byte-level BPE, Unigram (or --char) tokenizer on text/JSONL files")
     _add_corpus_opts(t)
-    t.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (e.g. 32000)")
+    t.add_argument("--model", choices=("bpe", "unigram"), default="bpe",
+                   help="bpe: byte-level BPE (default); unigram: SentencePiece-style Unigram laid out as T5's")
+    t.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size, special tokens and sentinels included (e.g. 32000)")
     t.add_argument("--char", action="store_true", help="character-level instead of BPE (ignores --vocab-size)")
+    t.add_argument("--special-tokens", nargs="+", default=[], metavar="TOKEN",
+                   help="extra special tokens, after the built-in ones (never split, skipped when decoding)")
+    t.add_argument("--sentinels", type=int, default=0, metavar="N",
+                   help="unigram: add T5's span sentinels <extra_id_0> .. <extra_id_N-1> (T5 uses 100)")
     t.add_argument("--held-out", type=float, default=0.01, metavar="FRACTION",
                    help="fraction of documents kept out of training to measure bytes/token (default 0.01)")
     t.set_defaults(func=cmd_tokenizer_train)
@@ -78,21 +85,28 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import time
 
     from ..tokenizer import Tokenizer
-    from .tokenizer import bytes_per_token, train_bpe, train_char
+    from .tokenizer import bytes_per_token, train_bpe, train_char, train_unigram
 
+    if args.char and args.model != "bpe":
+        raise LMForgeError(f"--char and --model {args.model} cannot be combined")
     if not args.char and args.vocab_size is None:
         raise LMForgeError("--vocab-size is required (or pass --char for a character-level tokenizer)")
+    if args.sentinels and (args.char or args.model != "unigram"):
+        raise LMForgeError("--sentinels needs --model unigram")
     held: list[str] = []
+    common = {"text_field": args.text_field, "held_out": args.held_out, "held_out_texts": held,
+              "special_tokens": args.special_tokens}
     start = time.perf_counter()
     if args.char:
-        out = train_char(args.input, args.out, text_field=args.text_field, held_out=args.held_out,
-                         held_out_texts=held)
+        out = train_char(args.input, args.out, **common)
+    elif args.model == "unigram":
+        out = train_unigram(args.input, args.vocab_size, args.out, sentinels=args.sentinels,
+                            progress=sys.stderr.isatty(), **common)
     else:
-        out = train_bpe(args.input, args.vocab_size, args.out, text_field=args.text_field,
-                        progress=sys.stderr.isatty(), held_out=args.held_out, held_out_texts=held)
+        out = train_bpe(args.input, args.vocab_size, args.out, progress=sys.stderr.isatty(), **common)
     elapsed = time.perf_counter() - start
     tok = Tokenizer.from_dir(out)
-    kind = "character-level" if args.char else "byte-level BPE"
+    kind = "character-level" if args.char else {"bpe": "byte-level BPE", "unigram": "Unigram"}[args.model]
     print(f"wrote {kind} tokenizer to {out}")
     note = "" if args.char or tok.vocab_size >= args.vocab_size else f" (asked for {args.vocab_size}; corpus too small)"
     print(f"vocab size:     {tok.vocab_size}{note}")
