@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import os
-import platform
-from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from lmforge.quant import cpu
 
 
 def machine() -> str:
-    """CPU model and core count, plus torch's build, CPU capability and threads when torch is loaded."""
+    """CPU model, core count and features, the dense-product path lmforge takes on it, plus torch's build,
+    CPU capability and threads when torch is loaded."""
     import sys
 
-    out = f"{cpu_name()}, {os.cpu_count()} cores"
+    f = cpu.features()
+    out = (f"{f.model}, {os.cpu_count()} cores [{', '.join(f.names) or 'no AVX2'}; "
+           f"lmforge large products in {'bf16' if cpu.fast_bf16() else 'fp32'}]")
     torch = sys.modules.get("torch")
     if torch is not None:
         out += (f", torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "

@@ -7,6 +7,9 @@ are what to read.
     python benchmarks/generate.py [--model smollm2-135m-instruct] [--prompt-tokens 512] [--decode-tokens 256]
     python benchmarks/generate.py --engines lmforge --device cuda   # lmforge alone, in the device's dtype (bf16)
 
+lmforge-fp32 is lmforge with LMFORGE_CPU_BF16=0: on CPUs with fast bf16 (AVX-512 BF16 or AMX) it shows what
+the bf16 products of prefill and batched decode gain; elsewhere the two columns run the same code.
+
 transformers runs twice: as its users get it, and with KMP_BLOCKTIME=0, the OpenMP setting lmforge
 applies to itself when it loads a model (without it, MKL's and OpenMP's thread pools spin against each other
 between small ops on CPUs, which slows any PyTorch decode loop several times).
@@ -42,13 +45,13 @@ def bench_lmforge(path: Path, prompt: list[int], short: list[int], n_decode: int
 
     # Every step returns sampled tokens to the host, so CUDA timings include the device's work.
     ck = load_checkpoint(path, device=device)
-    eng = Engine(ck.model, ck.tokenizer, max_batch=8)
+    eng = Engine(ck.model, ck.tokenizer, max_batch=32)
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     eng.generate([short], greedy)  # warm-up
     t = time.perf_counter()
     eng.generate([prompt], greedy)
     out = {"prefill": len(prompt) / (time.perf_counter() - t)}
-    for b in (1, 8):
+    for b in (1, 8, 32):
         params = SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True)
         seqs = [eng.add(short, params) for _ in range(b)]
         eng.step()  # prefill, not timed
@@ -110,6 +113,8 @@ def bench_llama_cpp(path: Path, prompt: list[int], short: list[int], n_decode: i
 ENGINES = {
     # name: (function, extra environment); None removes a variable
     "lmforge": ("bench_lmforge", {}),
+    # The same engine with every product in fp32 (quant/cpu.py's bf16 dispatch off), where bf16 is fast
+    "lmforge-fp32": ("bench_lmforge", {"LMFORGE_CPU_BF16": "0"}),
     "transformers": ("bench_transformers", {"KMP_BLOCKTIME": None}),
     "transformers+KMP_BLOCKTIME=0": ("bench_transformers", {"KMP_BLOCKTIME": "0"}),
     "llama.cpp": ("bench_llama_cpp", {}),
@@ -146,7 +151,7 @@ def main() -> None:
     if args.engine:
         path = Path(args.model)
         prompt, short = prompt_ids(args.vocab, args.prompt_tokens), prompt_ids(args.vocab, 16, seed=1)
-        extra = {"device": args.device} if args.engine == "lmforge" else {}
+        extra = {"device": args.device} if args.engine.startswith("lmforge") else {}
         result = globals()[ENGINES[args.engine][0]](path, prompt, short, args.decode_tokens, **extra)
         print(json.dumps(result))
         return
@@ -171,7 +176,7 @@ def main() -> None:
         raise SystemExit("lmforge failed")
 
     metrics = [("prefill", "prefill tok/s"), ("decode_b1", "decode tok/s, batch 1"),
-               ("decode_b8", "decode tok/s, batch 8")]
+               ("decode_b8", "decode tok/s, batch 8"), ("decode_b32", "decode tok/s, batch 32")]
     peers = [p for p in results if p != "lmforge"]
     print()
     print("| " + " | ".join(["metric", *results, *(f"lmforge / {p}" for p in peers)]) + " |")

@@ -174,6 +174,9 @@ def test_hellaswag_lines_format_and_bad_specs(tmp_path: Path) -> None:
     ("I don't know.", None),
     ("#### the answer is 12", "12"),
     ("Total: .5 hours", "0.5"),
+    # Beyond a float's range (a model that loops writing digits): the digits, not a crash
+    ("So it is 1" + "0" * 400 + " apples.", "1" + "0" * 400),
+    ("#### " + "9" * 320, "9" * 320),
 ])
 def test_gsm8k_answer_extraction(text: str, want: str | None) -> None:
     assert extract_answer(text) == want
@@ -307,14 +310,23 @@ def test_interrupted_run_resumes_where_it_stopped(tiny_lm, tmp_path: Path, monke
     assert runner.Progress(tiny_lm, spec, copy, opt, 0).path != plain
 
 
+# Short continuations (16 tokens or fewer a batch) go through the packed products, whose int16 activations
+# move logits by up to ~1e-2 (docs/benchmarks.md): a few 1e-3 over a 9-token sum (~-40). Where bf16 is fast
+# (quant/cpu.py), longer batches take bf16 products: ~5e-2 over the same sum (measured 0.051).
+HELLASWAG_TOL = {"0": 1.25e-4, "1": 2.5e-3}
+
+
 @pytest.mark.slow
-def test_smollm2_hellaswag_matches_transformers(smollm2_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bf16", ["0", "1"])
+def test_smollm2_hellaswag_matches_transformers(smollm2_path: Path, tmp_path: Path, bf16: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The scorer's log-likelihoods equal transformers' on the same GGUF (a few items; benchmarks/eval.py
-    runs 500)."""
+    runs 500), in fp32 and with the bf16 products (forced, so this runs on every CPU)."""
     from transformers import AutoModelForCausalLM
 
     from lmforge import load
 
+    monkeypatch.setenv("LMFORGE_CPU_BF16", bf16)
     lm = load(smollm2_path, device="cpu")
     text = ("Roof shingle removal: A man is sitting on a roof. he\n3\nis using wrap to wrap a pair of skis.\n"
             "is ripping level tiles off.\nis holding a rubik's cube.\nstarts pulling up roofing on a roof.\n")
@@ -329,9 +341,8 @@ def test_smollm2_hellaswag_matches_transformers(smollm2_path: Path, tmp_path: Pa
         for c, x in groups[0]:
             lp = hf(input_ids=torch.tensor([c + x])).logits.float().log_softmax(-1)[0]
             theirs.append(sum(float(lp[len(c) - 1 + j, t]) for j, t in enumerate(x)))
-    # Short continuations (16 tokens or fewer a batch) go through the packed products, whose int16
-    # activations move logits by up to ~1e-2 (docs/benchmarks.md): a few 1e-3 over a 9-token sum (~-40).
-    assert_close_scaled(ours, theirs, 1.25e-4)
+    assert_close_scaled(ours, theirs, HELLASWAG_TOL[bf16])
+    assert torch.tensor(ours).argsort().tolist() == torch.tensor(theirs).argsort().tolist()  # the endings' ranking
 
 
 def test_compare_paired_and_independent_stderr(tmp_path: Path) -> None:

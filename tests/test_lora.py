@@ -31,6 +31,7 @@ from lmforge.finetune.qlora import load_quantized
 from lmforge.formats import load_checkpoint
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quant import PackedLinear
+from lmforge.quant.accel import FastLinear
 from lmforge.quant.nf4 import NF4_LEVELS, NF4_MAX_ERROR, NF4Linear, nf4_dequantize, nf4_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +152,8 @@ def test_merge_equals_base_plus_adapter(base_dir: Path) -> None:
     expect = logits(model)
     merge_lora(model)
     assert not list(lora_layers(model)) and not hasattr(model, "lora_config")
-    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in ("layers.0.attn.qkv", "lm_head"))
+    # Plain dense layers (FastLinear: nn.Linear with the CPU bf16 products of quant/cpu.py)
+    assert all(type(model.get_submodule(n)) in (torch.nn.Linear, FastLinear) for n in ("layers.0.attn.qkv", "lm_head"))
     with torch.no_grad():
         assert_close_scaled(model.get_submodule("layers.0.attn.qkv")(x), expect_layer, 1e-5)
     assert_close_scaled(logits(model), expect, 1e-5)

@@ -127,16 +127,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .formats.inspect import describe
+    from .formats.inspect import describe, describe_system
     from .registry import resolve
 
-    for key, value in describe(resolve(args.model)).items():
+    if args.model is None and not args.system:
+        raise LMForgeError("info needs a model, or --system")
+    info = (describe_system() if args.system else {}) | (describe(resolve(args.model)) if args.model else {})
+    for key, value in info.items():
         if key == "chat template" and value and not args.template:
             value = f"{len(value)} chars (show it with --template)"
-        if isinstance(value, str) and "\n" in value:
-            print(f"{key}:\n{value}")
-        else:
-            print(f"{key}: {value}")
+        print(f"{key}:\n{value}" if isinstance(value, str) and "\n" in value else f"{key}: {value}")
     return 0
 
 
@@ -347,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also show registry models not pulled yet")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("info", help="architecture, size, tensor types, context length and template")
-    p.add_argument("model", help="registry name, .gguf file or HF directory")
+    p = sub.add_parser("info", help="a model's architecture, size, tensor types, context and template; --system")
+    p.add_argument("model", nargs="?", help="registry name, .gguf file or HF directory")
     p.add_argument("--template", action="store_true", help="print the full chat template")
+    p.add_argument("--system", action="store_true", help="this machine: CPU features, compute paths, devices")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="complete a prompt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from ..errors import LMForgeError
@@ -20,6 +21,8 @@ def normalize_number(s: str) -> str | None:
         v = float(t)
     except ValueError:
         return None
+    if not math.isfinite(v):  # more digits than a float holds: the digits themselves are the answer
+        return t
     if v == int(v) and abs(v) < 1e15:
         return str(int(v))
     return repr(v)

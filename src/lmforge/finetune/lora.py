@@ -30,6 +30,7 @@ from ..errors import LMForgeError
 from ..formats.hf_names import HF_TARGETS, base_prefix, hf_names
 from ..fsutil import atomic_dir, read_json
 from ..quant.nf4 import NF4Linear
+from ..quant.packed import PackedLinear
 from .qlora import is_stored, packed_codes, quantize_model
 
 QUANTS = (None, "nf4", "packed")
@@ -166,8 +167,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 def _dense(base: nn.Module) -> nn.Linear:
     """A plain nn.Linear computing what `base` does (a PackedLinear's codes go stale once merged into)."""
-    if type(base) is nn.Linear:
-        return base
+    if isinstance(base, nn.Linear) and not isinstance(base, PackedLinear):
+        return base  # nn.Linear, or its CPU-accelerated subclass: the weight is all it computes with
     device, dtype = _device_dtype(base)
     with torch.device("meta"):
         out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)

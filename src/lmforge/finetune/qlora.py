@@ -51,11 +51,11 @@ def _quantizable(name: str) -> bool:
 
 def quantize_model(model: nn.Module, quant: str) -> list[str]:
     """Replace every frozen linear layer inside the blocks by its quantized stand-in; returns their names."""
-    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, PackedLinear) and not is_stored(m)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_stored(m)
              and _quantizable(n + ".weight")]
     if quant == "packed" and names and not any(packed_codes(model.get_submodule(n)) is not None for n in names):
-        raise LMForgeError("quant 'packed' needs a GGUF model loaded with its packed codes (Q4_0, Q4_1 or Q8_0 "
-                           "matrices, fp32 on CPU); use quant 'nf4' for other models")
+        raise LMForgeError("quant 'packed' needs a GGUF model loaded with its packed codes (Q4_0, Q4_1, Q5_0, Q5_1, "
+                           "Q8_0, Q4_K, Q5_K or Q6_K matrices, fp32 on CPU); use quant 'nf4' for other models")
     for name in names:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, quantize_linear(model.get_submodule(name), quant))
@@ -90,7 +90,7 @@ def _build_quantized(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor
         if not (_quantizable(name) and len(t.shape) == 2):
             return None  # e.g. a quantized output matrix: kept dense, as in QLoRA
         if isinstance(t, PackedWeight):
-            codes = PackedWeight(t.kind, *(a.to(device) for a in (t.codes, t.scale, t.zero)))
+            codes = t.apply(lambda a: a.to(device))
             return lambda bias: PackedLinear.frozen(codes, bias, dtype)
         out, inp = t.shape  # NF4 right away, so this matrix's dense copy is freed before the next one loads
         nf4 = nf4_quantize(t.to(device=device, dtype=dtype))

@@ -80,7 +80,7 @@ class FinetuneConfig:
     sample_tokens: int = 48
     seed: int = 0
     device: str | None = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and fast-bf16 CPUs (train.loop.use_bf16), else fp32
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -198,7 +198,6 @@ class FinetuneRun(TrainLoop):
         if not self.dist.main:
             log, progress = (lambda s: None), False
         self.log, self.progress, self.out = log, progress, Path(out).expanduser()
-        self.bf16 = use_bf16(cfg.precision, self.device)
         path = resolve(str(model))
         # Adapters record their base; a path is stored absolute so the adapter loads from anywhere.
         self.base_model = str(model) if not Path(str(model)).expanduser().exists() else str(path.resolve())
@@ -215,6 +214,7 @@ class FinetuneRun(TrainLoop):
         if not ck.config.causal or ck.config.head != "lm":
             raise LMForgeError(f"{path}: fine-tuning needs a causal language model (this one is an encoder)")
         self.model, self.tokenizer = ck.model, ck.tokenizer
+        self.bf16 = use_bf16(cfg.precision, self.device, ck.config.dim)
         self.pad = _pad_id(self.tokenizer)
         ctx = ck.config.context_length
         self.max_length = min(cfg.max_length or ctx, ctx)

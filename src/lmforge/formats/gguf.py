@@ -210,7 +210,8 @@ class GGUFFile:
             raise LMForgeError(f"{self.path}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
 
     def weight(self, name: str, packed: bool) -> Weight:
-        """A linear weight: with ``packed``, Q4_0/Q4_1/Q8_0 blocks stay as codes, else dense fp32."""
+        """A linear weight: with ``packed``, blocks of a type with packed codes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+        Q4_K, Q5_K, Q6_K: `quant.packed.from_gguf_blocks`) stay as codes, else dense fp32."""
         t = self.tensors.get(name)
         if packed and t is not None and len(t.shape) == 2:
             qw = from_gguf_blocks(np.asarray(t.data), t.tensor_type.name, int(t.shape[1]), int(t.shape[0]))
@@ -274,9 +275,7 @@ def _rows(x: Weight, fn: Callable[[torch.Tensor], torch.Tensor]) -> Weight:
 
 def _cat(parts: list[Weight]) -> Weight:
     if all(isinstance(p, PackedWeight) for p in parts):
-        fused = PackedWeight.cat(parts)  # type: ignore[arg-type]
-        if fused is not None:
-            return fused
+        return PackedWeight.cat(parts)  # type: ignore[arg-type]
     return torch.cat([p.dequantize() if isinstance(p, PackedWeight) else p for p in parts])
 
 

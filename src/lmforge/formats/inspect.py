@@ -76,7 +76,7 @@ def _common(path: Path, fmt: str, cfg: Any, n: int, types: Counter) -> dict[str,
         "format": fmt,
         "architecture": cfg.family,
         "parameters": f"{_fmt_params(n)} ({n:,})",
-        "layers": cfg.n_layers,
+        "layers": f"{cfg.n_layers} encoder, {cfg.decoder_layers} decoder" if cfg.decoder_layers else cfg.n_layers,
         "hidden size": cfg.dim,
         "heads": f"{cfg.n_heads} (kv {cfg.n_kv_heads}, head dim {cfg.head_dim})",
         "ffn": f"{cfg.ffn_dim} ({cfg.mlp}, {cfg.activation})",
@@ -89,3 +89,26 @@ def _common(path: Path, fmt: str, cfg: Any, n: int, types: Counter) -> dict[str,
         "tensor types": ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
         "file size": f"{size / 2**20:.1f} MB",
     }
+
+
+def describe_system() -> dict[str, Any]:
+    """This machine as lmforge sees it: CPU features, the compute path each kind of work takes, devices."""
+    import torch
+
+    from ..quant import cpu, kernels
+    from . import kernel_dir
+
+    f = cpu.features()
+    kernels.use_build_dir(kernel_dir())
+    so = kernels.lib()
+    info: dict[str, Any] = {
+        "cpu": f"{f.model}, {kernels.THREADS} threads",
+        "cpu features": ", ".join(f.names) or "none of AVX2, AVX-512, VNNI, BF16, AMX",
+        "torch": f"{torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()})",
+        "C kernels": f"{Path(so._name).name} ({' '.join(cpu.compile_flags())})" if so is not None
+        else "unavailable (needs Linux, AVX2 + FMA and a C compiler; plain PyTorch is used)",
+    }
+    info |= {f"path ({k})": v for k, v in cpu.paths(kernels.MAX_ROWS, kernels.act16()).items()}
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    info["cuda"] = ", ".join(cuda) if cuda else "none"
+    return info

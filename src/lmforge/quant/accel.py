@@ -18,10 +18,11 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..model import Transformer
 from ..model.blocks import MLP, Attention, KVStore, RMSNorm, Rope
-from . import fused, kernels
+from . import cpu, fused, kernels
 from .packed import PackedLinear, PackedWeight, use_packed
 
 
@@ -67,6 +68,15 @@ class FastMLP(MLP):
         return self.down(self.act(h[..., : self.ffn_dim]) * h[..., self.ffn_dim:])
 
 
+class FastLinear(nn.Linear):
+    """A linear layer whose CPU inference products of many rows run in bf16 where bf16 is fast (cpu.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu.use_bf16(x, self.out_features, kernels.MAX_ROWS):
+            return cpu.bf16_linear(self, x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class FastTransformer(Transformer):
     """Runs a one-token CPU step's blocks in one C call where they qualify (fused.plan), and a tied output
     matrix from its packed codes (`head_packed`) while the embeddings are unchanged."""
@@ -82,7 +92,7 @@ class FastTransformer(Transformer):
                    ) -> torch.Tensor:
         b, t, _ = x.shape
         if t == 1 and rope is not None and cache is not None and cache.decode_rows is not None \
-                and b <= kernels.MAX_ROWS and kernels.fast_path(x):
+                and b <= cpu.packed_rows(kernels.MAX_ROWS) and kernels.fast_path(x):
             stack = fused.plan(self)
             if stack is not None:
                 return fused.decode_stack(self, stack, x.contiguous(), rope, cache)
@@ -91,8 +101,11 @@ class FastTransformer(Transformer):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.head_packed is not None and self.tok_emb.weight._version != self._head_version:
             self.head_packed = None  # the embeddings were changed (e.g. fine-tuned): the codes are stale
-        if self.cfg.head == "lm" and self.lm_head is None and use_packed(x, self.head_packed):
-            return kernels.packed_matmul(x, self.head_packed)  # type: ignore[arg-type]
+        if self.cfg.head == "lm" and self.lm_head is None:
+            if use_packed(x, self.head_packed):
+                return kernels.packed_matmul(x, self.head_packed)  # type: ignore[arg-type]
+            if cpu.use_bf16(x, self.cfg.vocab_size, kernels.MAX_ROWS):
+                return cpu.bf16_linear(self, x, self.tok_emb.weight, None)
         return super().logits(x)
 
 
@@ -115,7 +128,9 @@ def accelerate(model: Transformer, kernel_dir: Path, packed: dict[str, PackedWei
         old = model.get_submodule(name)
         setattr(model.get_submodule(parent), attr, PackedLinear(old.weight, old.bias, pw))
     for m in model.modules():
-        if type(m) is RMSNorm:
+        if type(m) is nn.Linear:
+            m.__class__ = FastLinear
+        elif type(m) is RMSNorm:
             m.__class__ = FastRMSNorm
         elif type(m) is Attention:
             m.__class__ = FastAttention

@@ -2,10 +2,10 @@
 
 At one token a step, a Llama-style block is about eleven small operations, and dispatching each from
 Python cost about a third of the step. When every block is the plain pre-norm RMSNorm / rotary /
-SwiGLU kind and all four of its products have packed GGUF codes, the C side runs the same kernels in
-the same order, so logits are bit-identical to the per-operation path. Anything else (LayerNorm, GELU,
-LoRA adapters, weights changed since loading, more rows than the packed products take) keeps the
-per-operation path.
+SwiGLU kind and all four of its products have packed GGUF codes (any mix of kinds, K-quants included),
+the C side runs the same kernels in the same order, so logits are bit-identical to the per-operation
+path. Anything else (LayerNorm, GELU, LoRA adapters, weights changed since loading, more rows than the
+packed products take) keeps the per-operation path.
 """
 
 from __future__ import annotations
@@ -25,13 +25,18 @@ if TYPE_CHECKING:
     from .accel import DecodeKVStore
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
-# model -> (state, plan). Kept beside the model rather than on it: ctypes arrays of raw pointers must not
-# travel with a deepcopy or a pickle of the model.
+# model -> (state, plan, the segments it points to). Kept beside the model rather than on it: ctypes arrays
+# of raw pointers must not travel with a deepcopy or a pickle of the model.
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _PW(ctypes.Structure):
-    _fields_ = [("codes", _p), ("scale", _p), ("zero", _p), ("bias", _p), ("n", _i64), ("k", _i64), ("q4", _i64)]
+    pass
+
+
+# One segment of rows of one kind (PackedWeight.rest: further segments, of other kinds).
+_PW._fields_ = [("codes", _p), ("scale", _p), ("zero", _p), ("bias", _p), ("n", _i64), ("k", _i64), ("kind", _i64),
+                ("rows", _i64), ("next", ctypes.POINTER(_PW))]
 
 
 class _Layer(ctypes.Structure):
@@ -39,16 +44,26 @@ class _Layer(ctypes.Structure):
                 ("window", _i64)]
 
 
-def _linear(lin: Any) -> _PW | None:
+def _linear(lin: Any, keep: list) -> _PW | None:
+    """The product's segments as a chain of _PW (each kept alive in ``keep``); None when it has no codes."""
     if not isinstance(lin, PackedLinear) or lin.weight is None or lin.packed is None \
             or lin.weight._version != lin._version:
         return None
-    w = lin.packed
-    if not all(t.is_contiguous() for t in (w.codes, w.scale, w.zero)):
-        return None
     bias = lin.bias.data_ptr() if lin.bias is not None else None
-    n, k = w.shape
-    return _PW(w.codes.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr(), bias, n, k, int(w.kind == "q4"))
+    n, k = lin.packed.shape
+    segments, w = [], lin.packed
+    while w is not None:
+        if not all(t.is_contiguous() for t in (w.codes, w.scale, w.zero)):
+            return None
+        segments.append(w)
+        w = w.rest
+    nxt = None
+    for w in reversed(segments):
+        pw = _PW(w.codes.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr(), bias, n, k, kernels.KINDS[w.kind], w.rows,
+                 ctypes.pointer(nxt) if nxt is not None else None)
+        keep.append(pw)
+        nxt = pw
+    return nxt
 
 
 def _state(model: Any) -> tuple:
@@ -75,16 +90,16 @@ def plan(model: Any) -> Any:
     cached = _plans.get(model)
     if cached is not None and cached[0] == state:
         return cached[1]
-    layers = []
+    layers, keep = [], []  # keep: the segments the layers point to, alive as long as the plan
     for blk in model.layers:
-        ws = [_linear(m) for m in (blk.attn.qkv, blk.attn.o, blk.mlp.gate_up, blk.mlp.down)]
+        ws = [_linear(m, keep) for m in (blk.attn.qkv, blk.attn.o, blk.mlp.gate_up, blk.mlp.down)]
         norms = (blk.attn_norm, blk.mlp_norm)
         if any(w is None for w in ws) or not all(isinstance(n, RMSNorm) for n in norms) or blk.mlp.act is not F.silu:
             layers = None
             break
         layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *ws, blk.attn.window))
     arr = (_Layer * len(layers))(*layers) if layers else None
-    _plans[model] = (state, arr)
+    _plans[model] = (state, arr, keep)
     return arr
 
 

@@ -9,6 +9,7 @@ C compiler or no AVX2 is available, `lib()` is None and every caller uses plain 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -16,9 +17,11 @@ import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from . import cpu
 
 if TYPE_CHECKING:
     from .packed import PackedWeight
@@ -34,7 +37,7 @@ def act16() -> bool:
     """Whether packed products round each group of 32 activations to int16 (scale = group max / 32767), so
     integer multiply-adds do the work: ~1.2x faster decoding. That is finer than the bf16 activations of
     GPU inference (logits move by ~1e-2 of ~20); LMFORGE_ACT16=0 keeps exact fp32 activations (~1e-5)."""
-    return os.environ.get("LMFORGE_ACT16", "1") == "1"
+    return os.environ.get("LMFORGE_ACT16", "1") == "1" and not cpu.exact()
 
 
 def use_build_dir(directory: Path) -> None:
@@ -58,22 +61,18 @@ def lib() -> ctypes.CDLL | None:
     before `use_build_dir` named a directory."""
     if _build_dir is None or os.environ.get("LMFORGE_KERNELS", "1") == "0" or sys.platform != "linux":
         return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    f = cpu.features()
+    if not (f.avx2 and f.fma):
         return None
-    src = _SOURCE.read_bytes()
-    out = _build_dir / f"kernels-{hashlib.sha256(src).hexdigest()[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
-               str(_SOURCE), "-o", tmp, "-lm"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            os.replace(tmp, out)  # atomic: concurrent first uses never load a half-written library
-        except (OSError, subprocess.SubprocessError):
-            Path(tmp).unlink(missing_ok=True)
-            return None
+    # One library per source and instruction set: a cache directory shared with (or copied from) another
+    # machine holds that machine's build under another name, never one this CPU cannot run.
+    for flags in (cpu.compile_flags(), ["-mavx2", "-mfma"]):  # an older compiler may not know every flag
+        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+        out = _build_dir / f"kernels-{key}.so"
+        if out.exists() or _compile(flags, out):
+            break
+    else:
+        return None
     try:
         so = ctypes.CDLL(str(out))
     except OSError:
@@ -93,6 +92,20 @@ def lib() -> ctypes.CDLL | None:
     return so
 
 
+def _compile(flags: list[str], out: Path) -> bool:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [os.environ.get("CC", "cc"), "-O3", *flags, "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", tmp, "-lm"]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)  # atomic: concurrent first uses never load a half-written library
+        return True
+    except (OSError, subprocess.SubprocessError):
+        Path(tmp).unlink(missing_ok=True)
+        return False
+
+
 def fast_path(x: torch.Tensor) -> bool:
     """Whether `x` may go through the C kernels: fp32 on CPU, not being differentiated, not being traced
     by torch.compile (which cannot see through raw pointers, and fuses these ops itself)."""
@@ -100,20 +113,32 @@ def fast_path(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and lib() is not None)
 
 
+# PackedWeight kinds as the C side numbers them (csrc/kernels.c KIND_*).
+KINDS = {"q8": 0, "q4": 1, "q5": 2, "q6": 3}
+_ZERO_KINDS = ("q4", "q5")  # kinds whose products take zero points
+
+
+def _gemv(so: ctypes.CDLL, kind: str) -> Any:
+    """The C product for ``kind`` (int16 or fp32 activations, as `act16` says), its argument types set."""
+    fn = getattr(so, f"{kind}_gemv16" if act16() else f"{kind}_gemv")
+    if fn.argtypes is None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p] * (5 if kind in _ZERO_KINDS else 4) + [i64, i64, i64, ctypes.c_int]
+        fn.restype = None
+    return fn
+
+
 def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """x [..., K] @ w.T for at most MAX_ROWS rows."""
-    so = lib()
+    if w.rest is not None:  # segments of different kinds: each its own product, the outputs side by side
+        return torch.cat([packed_matmul(x, dataclasses.replace(w, rest=None)), packed_matmul(x, w.rest)], -1)
     n, k = w.shape
     if not x.is_contiguous():
         x = x.contiguous()
     m = x.numel() // k
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    if w.kind == "q4":
-        fn = so.q4_gemv16 if act16() else so.q4_gemv
-        fn(x.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.zero.data_ptr(), y.data_ptr(), m, n, k, THREADS)
-    else:
-        fn = so.q8_gemv16 if act16() else so.q8_gemv
-        fn(x.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), y.data_ptr(), m, n, k, THREADS)
+    zero = (w.zero.data_ptr(),) if w.kind in _ZERO_KINDS else ()
+    _gemv(lib(), w.kind)(x.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), *zero, y.data_ptr(), m, n, k, THREADS)
     return y
 
 

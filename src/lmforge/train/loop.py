@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import LMForgeError
 from ..fsutil import atomic_dir, atomic_file, remove_dir, sweep_leftovers
+from ..quant import cpu
 from .distributed import DistInfo, average_gradients, barrier, leave_distributed, mean_over_ranks
 
 TRAINER_STATE = "trainer.pt"
@@ -91,9 +92,13 @@ def make_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device, sh
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not sharded)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether `precision` ("auto": bf16 on CUDA, fp32 elsewhere; "fp32"; "bf16") means bf16 autocast here."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+def use_bf16(precision: str, device: torch.device, width: int) -> bool:
+    """Whether `precision` means bf16 autocast here for a model of hidden size `width`: "bf16"; "fp32";
+    "auto": bf16 on CUDA, and on CPUs whose bf16 matmuls are fast (quant.cpu) for models of at least
+    cpu.BF16_MIN_WIDTH; fp32 elsewhere."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and width >= cpu.BF16_MIN_WIDTH and cpu.fast_bf16())
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:

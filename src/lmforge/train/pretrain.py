@@ -65,7 +65,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 1337
     device: str | None = None
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; or "fp32" / "bf16"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA and fast-bf16 CPUs (loop.use_bf16); "fp32"; "bf16"
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
@@ -254,7 +254,6 @@ class Trainer(TrainLoop):
         self.dist, self.device = setup_distributed(cfg.device)
         self.log = log if self.dist.main else (lambda s: None)
         self.progress = self.dist.main
-        self.bf16 = use_bf16(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain run on tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -265,6 +264,7 @@ class Trainer(TrainLoop):
         self.tokenizer = Tokenizer.from_dir(data) if (data / "tokenizer.json").exists() else None
         self.model_cfg = ModelConfig.from_dict({"vocab_size": self.meta["vocab_size"],
                                                 "context_length": cfg.block_size, **cfg.model})
+        self.bf16 = use_bf16(cfg.precision, self.device, self.model_cfg.dim)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(self.model_cfg).to(self.device)

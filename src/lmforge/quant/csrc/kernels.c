@@ -1,9 +1,10 @@
 /* Matrix-vector products straight from GGUF block-quantized weights (AVX2 + FMA, OpenMP).
  *
  * Decoding a token reads every weight once, so on CPUs it is bound by memory bandwidth; reading the
- * 4- or 8-bit codes instead of fp32 weights is what makes it fast. Weights are decoded to fp32 in
- * registers and multiplied with fp32 activations, so results match the dequantized weights up to
- * float rounding. Groups are 32 weights along K with one scale (and, for 4-bit, one offset) each.
+ * 4- to 8-bit codes instead of fp32 weights is what makes it fast. Codes are decoded in registers and
+ * multiplied with the activations (int16 per group of 32 by default, or fp32), so results match the
+ * dequantized weights up to that rounding. Groups are 32 weights along K with one scale (Q6 codes: two)
+ * and, for Q4 and Q5 codes, one offset each:
  *
  *   y[m, n] = sum_g  scale[n, g] * sum_j code(n, 32g + j) * x[m, 32g + j]  +  zero[n, g] * sum_j x[m, 32g + j]
  */
@@ -20,104 +21,6 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-static inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
-static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
-
-/* One output element: row `row` of 4-bit codes against one activation row. Two accumulators in
- * registers, alternating groups, keep the FMA latency chains short. */
-static inline float q4_dot(const uint8_t *row, const float *sc, const float *ze, const float *x,
-                           const float *xsum, int64_t G) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float zacc = 0.f;
-    for (int64_t g = 0; g < G; g++) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(row + g * 16));
-        __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        const float *xp = x + g * 32;
-        __m256 t = _mm256_mul_ps(u8x8(lo), _mm256_loadu_ps(xp));
-        __m256 u = _mm256_mul_ps(u8x8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp + 8));
-        t = _mm256_fmadd_ps(u8x8(hi), _mm256_loadu_ps(xp + 16), t);
-        u = _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp + 24), u);
-        __m256 s = _mm256_set1_ps(sc[g]);
-        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc0);
-        zacc += ze[g] * xsum[g];
-    }
-    return hsum(_mm256_add_ps(acc0, acc1)) + zacc;
-}
-
-static inline float q8_dot(const int8_t *row, const float *sc, const float *x, int64_t G) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        const int8_t *b = row + g * 32;
-        const float *xp = x + g * 32;
-        __m256 t = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)b)), _mm256_loadu_ps(xp));
-        __m256 u = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)(b + 8))), _mm256_loadu_ps(xp + 8));
-        t = _mm256_fmadd_ps(i8x8(_mm_loadl_epi64((const __m128i *)(b + 16))), _mm256_loadu_ps(xp + 16), t);
-        u = _mm256_fmadd_ps(i8x8(_mm_loadl_epi64((const __m128i *)(b + 24))), _mm256_loadu_ps(xp + 24), u);
-        __m256 s = _mm256_set1_ps(sc[g]);
-        if (g & 1) acc1 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_add_ps(t, u), s, acc0);
-    }
-    return hsum(_mm256_add_ps(acc0, acc1));
-}
-
-/* 4-bit codes [N, K/2] in GGML order: byte j of a group holds element j (low nibble) and j + 16 (high). */
-void q4_gemv(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
-             int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t G = K / 32;
-    float *xsum = malloc(sizeof(float) * M * G);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            float s = 0.f;
-            for (int j = 0; j < 32; j++) s += x[m * K + g * 32 + j];
-            xsum[m * G + g] = s;
-        }
-    if (M == 1) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) y[n] = q4_dot(codes + n * (K / 2), scale + n * G, zero + n * G, x, xsum, G);
-        free(xsum);
-        return;
-    }
-    /* Several rows: decode each group's codes once and use them for every row. */
-    const __m128i mask = _mm_set1_epi8(0x0F);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * (K / 2);
-        __m256 acc[MAX_ROWS];
-        float zacc[MAX_ROWS];
-        for (int64_t m = 0; m < M; m++) { acc[m] = _mm256_setzero_ps(); zacc[m] = 0.f; }
-        for (int64_t g = 0; g < G; g++) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(row + g * 16));
-            __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            __m256 w0 = u8x8(lo), w1 = u8x8(_mm_srli_si128(lo, 8)), w2 = u8x8(hi), w3 = u8x8(_mm_srli_si128(hi, 8));
-            __m256 sc = _mm256_set1_ps(scale[n * G + g]);
-            float ze = zero[n * G + g];
-            for (int64_t m = 0; m < M; m++) {
-                const float *xp = x + m * K + g * 32;
-                __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xp));
-                t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), t);
-                t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), t);
-                t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), t);
-                acc[m] = _mm256_fmadd_ps(t, sc, acc[m]);
-                zacc[m] += ze * xsum[m * G + g];
-            }
-        }
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]) + zacc[m];
-    }
-    free(xsum);
-}
-
-/* Signed 8-bit codes [N, K], one scale per group (GGUF Q8_0). */
-void q8_gemv(const float *x, const int8_t *codes, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
-             int threads) {
-    const int64_t G = K / 32;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++)  /* the row's codes stay in L1 across the batch */
-            y[m * N + n] = q8_dot(codes + n * K, scale + n * G, x + m * K, G);
 }
 
 /* -- 16-bit activations -------------------------------------------------------------------------------
@@ -155,71 +58,168 @@ static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int6
     }
 }
 
-typedef struct { int16_t *xq; float *dx, *xsum; } Act16;
+/* A product's activations: int16 with a scale per group of 32 (xq, dx), or fp32 (x; xq NULL), and each
+ * group's sum (for the zero points). */
+typedef struct { int16_t *xq; float *dx, *xsum; const float *x; } Acts;
 
-static Act16 act16(const float *x, int64_t M, int64_t K) {
-    Act16 a = {malloc(sizeof(int16_t) * M * K), malloc(sizeof(float) * M * (K / 32)), malloc(sizeof(float) * M * (K / 32))};
-    quantize16(x, a.xq, a.dx, a.xsum, M, K);
+static Acts acts(const float *x, int64_t M, int64_t K, const int a16) {
+    const int64_t G = K / 32;
+    Acts a = {NULL, NULL, malloc(sizeof(float) * M * G), x};
+    if (a16) {
+        a.xq = malloc(sizeof(int16_t) * M * K);
+        a.dx = malloc(sizeof(float) * M * G);
+        quantize16(x, a.xq, a.dx, a.xsum, M, K);
+        return a;
+    }
+    for (int64_t mg = 0; mg < M * G; mg++) {
+        float s = 0.f;
+        for (int j = 0; j < 32; j++) s += x[mg * 32 + j];
+        a.xsum[mg] = s;
+    }
     return a;
 }
 
-static void act16_free(Act16 a) { free(a.xq); free(a.dx); free(a.xsum); }
+static void acts_free(Acts a) { free(a.xq); free(a.dx); free(a.xsum); }
 
-/* A group's 32 codes as two vectors of 16 int16 (elements 0..15 and 16..31): 4-bit codes in GGML nibble
- * order (16 bytes a group) or signed 8-bit codes (32 bytes a group). */
-static inline __attribute__((always_inline)) void unpack16(const void *row, int64_t g, const int q4, __m256i *lo,
-                                                           __m256i *hi) {
-    if (q4) {
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)row + g * 16));
-        *lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-        *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-    } else {
-        const int8_t *b = (const int8_t *)row + g * 32;
-        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
-        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
-    }
+/* -- code kinds ---------------------------------------------------------------------------------------
+ * How a group of 32 weights is stored (quant/packed.py PackedWeight; the numbers are kernels.py KINDS):
+ *   Q8: 32 signed bytes;                                       w = scale * q
+ *   Q4: 16 bytes, GGML nibble order (byte j: element j low, j + 16 high);   w = scale * q + zero
+ *   Q5: those 16 bytes, then 4 bytes of fifth bits (byte j, bit i: element j + 4i); w = scale * q + zero
+ *   Q6: those 16 bytes, then 8 bytes of two top bits (byte j, bits 2i..2i+1: element j + 8i), and one
+ *       scale per 16 elements (two a group);                   w = scale[j / 16] * (q - 32)
+ * GGUF's Q4_K, Q5_K and Q6_K blocks re-lay into Q4, Q5 and Q6 without changing a weight. */
+enum { KIND_Q8 = 0, KIND_Q4 = 1, KIND_Q5 = 2, KIND_Q6 = 3 };
+
+static inline int64_t group_bytes(const int kind) {
+    return kind == KIND_Q8 ? 32 : kind == KIND_Q4 ? 16 : kind == KIND_Q5 ? 20 : 24;
 }
 
-/* sum_j w[j] * x[j] over one group of 32, as 8 float partial sums. */
-static inline __attribute__((always_inline)) __m256 group_dot16(__m256i lo, __m256i hi, const int16_t *xp) {
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
-                                               _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)))));
+/* A group's 32 codes as two vectors of 16 bytes (elements 0..15 and 16..31): signed for Q8 and Q6
+ * (whose -32 is applied here), unsigned for Q4 and Q5. */
+static inline int is_signed(const int kind) { return kind == KIND_Q8 || kind == KIND_Q6; }
+
+static inline __attribute__((always_inline)) void unpack(const void *row, int64_t g, const int kind, __m128i *lo,
+                                                         __m128i *hi) {
+    if (kind == KIND_Q8) {
+        const int8_t *b = (const int8_t *)row + g * 32;
+        *lo = _mm_loadu_si128((const __m128i *)b);
+        *hi = _mm_loadu_si128((const __m128i *)(b + 16));
+        return;
+    }
+    const uint8_t *b = (const uint8_t *)row + g * group_bytes(kind);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i raw = _mm_loadu_si128((const __m128i *)b);
+    __m128i l = _mm_and_si128(raw, mask), h = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    if (kind == KIND_Q5) {  /* the 4 bytes of fifth bits in every 32-bit lane, each lane shifted so that */
+        int32_t bits;       /* its 4 elements' bits land on bit 4 of their bytes */
+        memcpy(&bits, b + 16, 4);
+        const __m128i t = _mm_set1_epi32(bits), m = _mm_set1_epi8(0x10);
+        l = _mm_or_si128(l, _mm_and_si128(_mm_sllv_epi32(t, _mm_setr_epi32(4, 3, 2, 1)), m));
+        h = _mm_or_si128(h, _mm_and_si128(_mm_srlv_epi32(t, _mm_setr_epi32(0, 1, 2, 3)), m));
+    } else if (kind == KIND_Q6) {  /* the 8 bytes of top bits in both halves, each half shifted so that */
+        int64_t top;               /* its elements' two bits land on bits 4..5 of their bytes */
+        memcpy(&top, b + 16, 8);
+        const __m128i t = _mm_set1_epi64x(top), m = _mm_set1_epi8(0x30), off = _mm_set1_epi8(32);
+        l = _mm_sub_epi8(_mm_or_si128(l, _mm_and_si128(_mm_sllv_epi64(t, _mm_set_epi64x(2, 4)), m)), off);
+        h = _mm_sub_epi8(_mm_or_si128(h, _mm_and_si128(_mm_srlv_epi64(t, _mm_set_epi64x(2, 0)), m)), off);
+    }
+    *lo = l;
+    *hi = h;
+}
+
+/* A group's codes widened for int16 activations (2 x 16 int16) or for fp32 ones (4 x 8 floats). */
+static inline __attribute__((always_inline)) void widen16(__m128i l, __m128i h, const int kind, __m256i *lo,
+                                                          __m256i *hi) {
+    *lo = is_signed(kind) ? _mm256_cvtepi8_epi16(l) : _mm256_cvtepu8_epi16(l);
+    *hi = is_signed(kind) ? _mm256_cvtepi8_epi16(h) : _mm256_cvtepu8_epi16(h);
+}
+
+static inline __attribute__((always_inline)) void widen32(__m128i l, __m128i h, const int kind, __m256 *w) {
+    __m128i v[4] = {l, _mm_srli_si128(l, 8), h, _mm_srli_si128(h, 8)};
+    for (int c = 0; c < 4; c++)
+        w[c] = _mm256_cvtepi32_ps(is_signed(kind) ? _mm256_cvtepi8_epi32(v[c]) : _mm256_cvtepu8_epi32(v[c]));
+}
+
+static inline int has_zero(const int kind) { return kind == KIND_Q4 || kind == KIND_Q5; }
+static inline int64_t scales_per_group(const int kind) { return kind == KIND_Q6 ? 2 : 1; }
+
+/* acc += a group's products with one activation row, times the group's scale(s) (sc: the weight row's
+ * scales; Q6 codes have one per 16 elements) and, for int16 activations, the activations' scale d. */
+static inline __attribute__((always_inline)) __m256 acc16(__m256i lo, __m256i hi, const int16_t *xp, const float *sc,
+                                                         int64_t g, float d, const int kind, __m256 acc) {
+    __m256i s0 = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xp));
+    __m256i s1 = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)));
+    if (kind != KIND_Q6)
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(sc[g] * d), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(sc[2 * g] * d), acc);  /* Q6: a scale per 16 */
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(sc[2 * g + 1] * d), acc);
+}
+
+static inline __attribute__((always_inline)) __m256 acc32(const __m256 *w, const float *xp, const float *sc, int64_t g,
+                                                         const int kind, __m256 acc) {
+    __m256 p0 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(xp)));
+    __m256 p1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(xp + 16)));
+    if (kind != KIND_Q6) return _mm256_fmadd_ps(_mm256_add_ps(p0, p1), _mm256_set1_ps(sc[g]), acc);
+    acc = _mm256_fmadd_ps(p0, _mm256_set1_ps(sc[2 * g]), acc);
+    return _mm256_fmadd_ps(p1, _mm256_set1_ps(sc[2 * g + 1]), acc);
 }
 
 /* One weight row against a tile of T activation rows: each group's codes are decoded once for the whole
- * tile (T and q4 are constants at every call, so the row loop unrolls and the accumulators stay in
+ * tile (T, kind and a16 are constants at every call, so the row loop unrolls and the accumulators stay in
  * registers). Every row goes through exactly the arithmetic of a one-row product (two accumulators
- * alternating groups, then for 4-bit codes the zero-point term sum_g zero[g] * xsum[m, g]), so a row's
+ * alternating groups, then for codes with zero points the term sum_g zero[g] * xsum[m, g]), so a row's
  * result never depends on its batch. */
-static inline __attribute__((always_inline)) void tile16(const void *row, const float *sc, const float *ze, Act16 a,
-                                                         float *y, int64_t m0, int64_t N, int64_t n, int64_t K,
-                                                         const int q4, const int T) {
+static inline __attribute__((always_inline)) void tile(const void *row, const float *sc, const float *ze, Acts a,
+                                                       float *y, int64_t m0, int64_t ldy, int64_t n, int64_t K,
+                                                       const int kind, const int a16, const int T) {
     const int64_t G = K / 32;
     __m256 acc0[4], acc1[4];
     for (int i = 0; i < T; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {
-        __m256i l0, h0, l1, h1;
-        unpack16(row, g, q4, &l0, &h0);
-        unpack16(row, g + 1, q4, &l1, &h1);
-        for (int i = 0; i < T; i++) {
-            const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
-            const float *d = a.dx + (m0 + i) * G + g;
-            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, xp), _mm256_set1_ps(sc[g] * d[0]), acc0[i]);
-            acc1[i] = _mm256_fmadd_ps(group_dot16(l1, h1, xp + 32), _mm256_set1_ps(sc[g + 1] * d[1]), acc1[i]);
+    __m128i l0, h0, l1, h1;
+    if (a16) {
+        __m256i lo0, hi0, lo1, hi1;
+        for (; g + 2 <= G; g += 2) {
+            unpack(row, g, kind, &l0, &h0);
+            unpack(row, g + 1, kind, &l1, &h1);
+            widen16(l0, h0, kind, &lo0, &hi0);
+            widen16(l1, h1, kind, &lo1, &hi1);
+            for (int i = 0; i < T; i++) {
+                const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
+                const float *d = a.dx + (m0 + i) * G + g;
+                acc0[i] = acc16(lo0, hi0, xp, sc, g, d[0], kind, acc0[i]);
+                acc1[i] = acc16(lo1, hi1, xp + 32, sc, g + 1, d[1], kind, acc1[i]);
+            }
         }
-    }
-    if (g < G) {
-        __m256i l0, h0;
-        unpack16(row, g, q4, &l0, &h0);
-        for (int i = 0; i < T; i++)
-            acc0[i] = _mm256_fmadd_ps(group_dot16(l0, h0, a.xq + (m0 + i) * K + g * 32),
-                                      _mm256_set1_ps(sc[g] * a.dx[(m0 + i) * G + g]), acc0[i]);
+        if (g < G) {
+            unpack(row, g, kind, &l0, &h0);
+            widen16(l0, h0, kind, &lo0, &hi0);
+            for (int i = 0; i < T; i++)
+                acc0[i] = acc16(lo0, hi0, a.xq + (m0 + i) * K + g * 32, sc, g, a.dx[(m0 + i) * G + g], kind, acc0[i]);
+        }
+    } else {
+        __m256 w0[4], w1[4];
+        for (; g + 2 <= G; g += 2) {
+            unpack(row, g, kind, &l0, &h0);
+            unpack(row, g + 1, kind, &l1, &h1);
+            widen32(l0, h0, kind, w0);
+            widen32(l1, h1, kind, w1);
+            for (int i = 0; i < T; i++) {
+                const float *xp = a.x + (m0 + i) * K + g * 32;
+                acc0[i] = acc32(w0, xp, sc, g, kind, acc0[i]);
+                acc1[i] = acc32(w1, xp + 32, sc, g + 1, kind, acc1[i]);
+            }
+        }
+        if (g < G) {
+            unpack(row, g, kind, &l0, &h0);
+            widen32(l0, h0, kind, w0);
+            for (int i = 0; i < T; i++) acc0[i] = acc32(w0, a.x + (m0 + i) * K + g * 32, sc, g, kind, acc0[i]);
+        }
     }
     for (int i = 0; i < T; i++) {
         float z = 0.f;
-        if (q4) {  /* vectorized: as a scalar chain of dependent adds this cost a sixth of the product */
+        if (has_zero(kind)) {  /* vectorized: as a scalar chain of dependent adds this cost a sixth of the product */
             const float *xs = a.xsum + (m0 + i) * G;
             __m256 zz = _mm256_setzero_ps();
             int64_t j = 0;
@@ -227,37 +227,72 @@ static inline __attribute__((always_inline)) void tile16(const void *row, const 
             z = hsum(zz);
             for (; j < G; j++) z += ze[j] * xs[j];
         }
-        y[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + z;
+        y[(m0 + i) * ldy + n] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + z;
     }
 }
 
-/* y [M, N] = x [M, K] @ w.T for 4-bit (q4 = 1; zero used) or 8-bit codes, rows in tiles of 4, 2, 1. */
-static inline __attribute__((always_inline)) void gemv16(const float *x, const void *codes, const float *scale,
-                                                         const float *zero, float *y, int64_t M, int64_t N,
-                                                         int64_t K, int threads, const int q4) {
-    const int64_t G = K / 32, row_bytes = q4 ? K / 2 : K;
-    Act16 a = act16(x, M, K);
+/* One weight row against every activation row, in tiles of 4, 2, 1. */
+static inline __attribute__((always_inline)) void row_product(const uint8_t *row, const float *sc, const float *ze,
+                                                              Acts a, float *y, int64_t M, int64_t ldy, int64_t n,
+                                                              int64_t K, const int kind, const int a16) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile(row, sc, ze, a, y, m, ldy, n, K, kind, a16, 4);
+    if (m + 2 <= M) { tile(row, sc, ze, a, y, m, ldy, n, K, kind, a16, 2); m += 2; }
+    if (m < M) tile(row, sc, ze, a, y, m, ldy, n, K, kind, a16, 1);
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] @ w.T for codes of any kind, int16 (a16) or fp32 activations. The
+ * switch sits inside the parallel loop so each case is compiled with constant kind and a16 (OpenMP
+ * outlines the loop body before inlining could make them constants). */
+static void gemv(const float *x, const void *codes, const float *scale, const float *zero, float *y, int64_t M,
+                 int64_t N, int64_t ldy, int64_t K, int threads, int kind, int a16) {
+    const int64_t G = K / 32, row_bytes = G * group_bytes(kind), spg = scales_per_group(kind);
+    Acts a = acts(x, M, K, a16);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = (const uint8_t *)codes + n * row_bytes;
-        const float *sc = scale + n * G, *ze = q4 ? zero + n * G : NULL;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) tile16(row, sc, ze, a, y, m, N, n, K, q4, 4);
-        if (m + 2 <= M) { tile16(row, sc, ze, a, y, m, N, n, K, q4, 2); m += 2; }
-        if (m < M) tile16(row, sc, ze, a, y, m, N, n, K, q4, 1);
+        const float *sc = scale + n * G * spg, *ze = has_zero(kind) ? zero + n * G : NULL;
+#define ROW(KIND, A16) row_product(row, sc, ze, a, y, M, ldy, n, K, KIND, A16); break
+        switch (kind * 2 + a16) {
+        case KIND_Q4 * 2 + 1: ROW(KIND_Q4, 1);
+        case KIND_Q5 * 2 + 1: ROW(KIND_Q5, 1);
+        case KIND_Q6 * 2 + 1: ROW(KIND_Q6, 1);
+        case KIND_Q8 * 2 + 1: ROW(KIND_Q8, 1);
+        case KIND_Q4 * 2: ROW(KIND_Q4, 0);
+        case KIND_Q5 * 2: ROW(KIND_Q5, 0);
+        case KIND_Q6 * 2: ROW(KIND_Q6, 0);
+        default: ROW(KIND_Q8, 0);
+        }
+#undef ROW
     }
-    act16_free(a);
+    acts_free(a);
 }
 
-void q4_gemv16(const float *x, const uint8_t *codes, const float *scale, const float *zero, float *y,
-               int64_t M, int64_t N, int64_t K, int threads) {
-    gemv16(x, codes, scale, zero, y, M, N, K, threads, 1);
-}
+/* The exported products: "16" ones round activations to int16, the others keep them fp32. */
+#define PRODUCTS(name, KIND)                                                                                      \
+    void name##_gemv16(const float *x, const void *codes, const float *scale, const float *zero, float *y,      \
+                       int64_t M, int64_t N, int64_t K, int threads) {                                          \
+        gemv(x, codes, scale, zero, y, M, N, N, K, threads, KIND, 1);                                               \
+    }                                                                                                             \
+    void name##_gemv(const float *x, const void *codes, const float *scale, const float *zero, float *y,        \
+                     int64_t M, int64_t N, int64_t K, int threads) {                                            \
+        gemv(x, codes, scale, zero, y, M, N, N, K, threads, KIND, 0);                                               \
+    }
+/* Q4 and Q5 products take zero points; Q8 and Q6 ones do not (their zero argument is left out). */
+PRODUCTS(q4, KIND_Q4)
+PRODUCTS(q5, KIND_Q5)
 
-void q8_gemv16(const float *x, const int8_t *codes, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
-               int threads) {
-    gemv16(x, codes, scale, NULL, y, M, N, K, threads, 0);
-}
+#define PRODUCTS_NO_ZERO(name, KIND)                                                                              \
+    void name##_gemv16(const float *x, const void *codes, const float *scale, float *y, int64_t M, int64_t N,   \
+                       int64_t K, int threads) {                                                                 \
+        gemv(x, codes, scale, NULL, y, M, N, N, K, threads, KIND, 1);                                               \
+    }                                                                                                             \
+    void name##_gemv(const float *x, const void *codes, const float *scale, float *y, int64_t M, int64_t N,     \
+                     int64_t K, int threads) {                                                                   \
+        gemv(x, codes, scale, NULL, y, M, N, N, K, threads, KIND, 0);                                               \
+    }
+PRODUCTS_NO_ZERO(q8, KIND_Q8)
+PRODUCTS_NO_ZERO(q6, KIND_Q6)
 
 /* -- small fused ops for the decode step -----------------------------------------------------------------
  * Each replaces several PyTorch ops whose dispatch costs more than their arithmetic at one token. */
@@ -380,11 +415,13 @@ void attn_decode_rows(const float *proj, float *kc, float *vc, const int64_t *sl
  * (module calls, checks, argument marshalling) cost a third of a one-row step. This runs every block of
  * the stack here, calling the same kernels in the same order as the per-operation path, so the result is
  * bit-identical to it. */
-typedef struct {
+typedef struct PW {
     const void *codes;
     const float *scale, *zero, *bias; /* bias may be NULL */
-    int64_t n, k;
-    int64_t q4;
+    int64_t n, k;                     /* n: the whole matrix's rows, segments included */
+    int64_t kind;                     /* KIND_Q8, KIND_Q4, KIND_Q5 or KIND_Q6 */
+    int64_t rows;                     /* this segment's rows */
+    const struct PW *next;            /* the rows below, of another kind (NULL: none) */
 } PW;
 
 typedef struct {
@@ -394,8 +431,9 @@ typedef struct {
 } Layer;
 
 static void product(const float *x, const PW *w, float *y, int64_t M, int threads) {
-    if (w->q4) gemv16(x, w->codes, w->scale, w->zero, y, M, w->n, w->k, threads, 1);
-    else gemv16(x, w->codes, w->scale, NULL, y, M, w->n, w->k, threads, 0);
+    int64_t r0 = 0;
+    for (const PW *s = w; s; r0 += s->rows, s = s->next)
+        gemv(x, s->codes, s->scale, s->zero, y + r0, M, s->rows, w->n, w->k, threads, (int)s->kind, 1);
     if (w->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];
