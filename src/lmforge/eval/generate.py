@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import LMForgeError
 
@@ -60,3 +62,23 @@ def is_correct(prediction: str | None, reference: str, how: str = "number") -> b
         return False
     ref = extract_answer(reference, how) if how == "number" else reference.strip()
     return ref is not None and prediction == ref
+
+
+def drive(engine: Any, seqs: list[Any], desc: str, progress: bool, unit: str = "item",
+          after_step: Callable[[], None] | None = None) -> None:
+    """Step ``engine`` until every one of ``seqs`` is done, with a bar of the finished ones when
+    ``progress``; ``after_step`` runs after each step (e.g. to cancel sequences whose answer is written)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(seqs), desc=desc, disable=not progress, unit=unit)
+    done = 0
+    try:
+        while not all(s.done for s in seqs):
+            engine.step()
+            if after_step is not None:
+                after_step()
+            now = sum(s.done for s in seqs)
+            bar.update(now - done)
+            done = now
+    finally:
+        bar.close()

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import LMForgeError
 from ..tokenizer import Tokenizer
 from .code import run_code
-from .generate import extract_answer, is_correct
+from .generate import drive, extract_answer, is_correct
 from .scoring import Score, perplexity, score_groups
 from .strategies import Strategy, evaluate_strategy
 from .tasks import Item, TaskSpec, build_items, fewshot_prefix, load_items, read_records, sample_fewshot
@@ -256,7 +256,6 @@ def check_strategy(spec: TaskSpec, shots: int | None) -> None:
 
 def _run_generate(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], same: bool, shots: int,
                   opt: EvalOptions) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
-    from tqdm import tqdm
 
     from ..engine import Engine, SamplingParams
 
@@ -274,14 +273,7 @@ def _run_generate(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], 
         else:
             ids = tok.encode(fewshot_prefix(spec, ex) + it.contexts[0])
         seqs.append(engine.add(ids[-room:], params))  # keep the question, drop the oldest exemplar text
-    bar = tqdm(total=len(seqs), desc=spec.name, disable=not opt.progress, unit="item")
-    done = 0
-    while engine.has_work:
-        engine.step()
-        now = sum(s.done for s in seqs)
-        bar.update(now - done)
-        done = now
-    bar.close()
+    drive(engine, seqs, spec.name, opt.progress)
     em, samples = [], []
     for it, s in zip(items, seqs):
         pred = extract_answer(s.text, spec.extract)

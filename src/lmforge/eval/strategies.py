@@ -9,7 +9,6 @@ critic). ``lm`` is duck-typed: anything with ``chat_prompt(messages, tools)`` an
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from ..engine import SamplingParams
 from ..engine.sampling import DEFAULT_TEMPERATURE, choice_seed
 from ..errors import LMForgeError
-from .generate import extract_answer, is_correct
+from .generate import drive, extract_answer, is_correct
 from .tasks import Item
 
 STRATEGIES = ("direct", "cot", "self-consistency", "self-refine")
@@ -146,26 +145,13 @@ def complete(lm: Any, conversations: list[list[dict[str, str]]], params: list[Sa
             return ToolRunner(resolved, lm.tokenizer, MAX_TOOL_CALLS)
 
     seqs: list[Any] = []
-    bar = None
     try:
         for msgs, sp in zip(conversations, params):
             seqs.append(engine.add(lm.chat_prompt(msgs, offered), sp))
             if runner is not None:
                 seqs[-1].tools = runner()
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(seqs), desc=desc or "generate", unit="seq", file=sys.stderr)
-        done = 0
-        while not all(s.done for s in seqs):
-            engine.step()
-            if bar is not None:
-                now = sum(s.done for s in seqs)
-                bar.update(now - done)
-                done = now
+        drive(engine, seqs, desc or "generate", progress, unit="seq")
     finally:
-        if bar is not None:
-            bar.close()
         for s in seqs:
             if not s.done:  # a prompt that did not fit, or an interruption: leave the engine empty
                 engine.cancel(s)

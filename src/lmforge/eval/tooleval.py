@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from ..errors import LMForgeError
-from .generate import extract_answer, is_correct
+from .generate import drive, extract_answer, is_correct
 from .tasks import Item, TaskSpec
 
 TOOL_ROOM = 256  # tokens added to a task's max_tokens for the calls and the results forced into the text
@@ -25,7 +25,6 @@ def answer_text(text: str) -> str:
 
 def run_with_tools(lm: Any, spec: TaskSpec, items: list[Item], tools: list[str], execute: bool, batch_size: int,
                    progress: bool) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
-    from tqdm import tqdm
 
     from ..engine import Engine, SamplingParams
     from ..tools.base import to_openai
@@ -46,17 +45,12 @@ def run_with_tools(lm: Any, spec: TaskSpec, items: list[Item], tools: list[str],
         seqs.append(engine.add(ids[-(engine.context - max_tokens):], params))
         if execute:
             seqs[-1].tools = ToolRunner(resolved, lm.tokenizer, MAX_TOOL_CALLS)
-    bar = tqdm(total=len(seqs), desc=spec.name, disable=not progress, unit="item")
-    done = 0
-    while engine.has_work:
-        engine.step()
+    def stop_answered() -> None:
         for s in seqs:
             if not s.done and _ANSWER_LINE.search(s.text):
                 engine.cancel(s)  # the answer is written: what follows is never read
-        now = sum(s.done for s in seqs)
-        bar.update(now - done)
-        done = now
-    bar.close()
+
+    drive(engine, seqs, spec.name, progress, after_step=stop_answered)
     em, samples = [], []
     for it, s in zip(items, seqs):
         if s.error is not None:
