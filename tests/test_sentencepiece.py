@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import transformers
+from tiny import write_llama_gguf
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from transformers.tokenization_utils_base import generate_merges
@@ -178,55 +179,25 @@ def _spm_pieces(n: int = 400) -> list[str]:
 def _write_spm_gguf(path: Path, **flags: bool) -> Path:
     """A tiny F32 llama GGUF with a Llama 2-style vocabulary: <unk>, <s>, </s>, 256 byte tokens, scored
     pieces, a control token and a user-defined one."""
-    from gguf import GGUFWriter
-
     pieces = [p for p in _spm_pieces() if p not in ("<", ">")]  # so "<" and ">" take the byte fallback
     tokens = ["<unk>", "<s>", "</s>", *BYTES, *pieces, "<|im_end|>", "<think>"]
     types = [2, 3, 3, *[6] * 256, *[1] * len(pieces), 3, 4]
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
-    vocab, dim, ffn, heads = len(tokens), 32, 64, 4
-    rng = np.random.default_rng(0)
 
-    def r(*shape: int) -> np.ndarray:
-        return (0.3 * rng.standard_normal(shape)).astype(np.float32)
+    def tokenizer(w: Any) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        if "add_space_prefix" in flags:
+            w.add_add_space_prefix(flags["add_space_prefix"])
+        if "add_bos" in flags:
+            w.add_add_bos_token(flags["add_bos"])
 
-    w = GGUFWriter(str(path), "llama")
-    w.add_name("tiny-spm")
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(dim)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(dim // heads)
-    w.add_vocab_size(vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    if "add_space_prefix" in flags:
-        w.add_add_space_prefix(flags["add_space_prefix"])
-    if "add_bos" in flags:
-        w.add_add_bos_token(flags["add_bos"])
-    w.add_tensor("token_embd.weight", r(vocab, dim))
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(dim, np.float32))
-    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-        w.add_tensor(f"blk.0.{name}.weight", r(dim, dim))
-    w.add_tensor("blk.0.ffn_norm.weight", np.ones(dim, np.float32))
-    w.add_tensor("blk.0.ffn_gate.weight", r(ffn, dim))
-    w.add_tensor("blk.0.ffn_up.weight", r(ffn, dim))
-    w.add_tensor("blk.0.ffn_down.weight", r(dim, ffn))
-    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
-    w.add_tensor("output.weight", r(vocab, dim))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_llama_gguf(path, "tiny-spm", len(tokens), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,8 +103,6 @@ def make_tiny_llama_dir(tmp: Path, context: int = 64, seed: int = 0, chat_templa
 # -- GGUF --------------------------------------------------------------------------------------------
 def write_tiny_gguf(path: Path, context: int = 64, seed: int = 0) -> Path:
     """A tiny F32 llama GGUF whose vocabulary is the trained byte-level BPE tokenizer's."""
-    from gguf import GGUFWriter
-
     tok = train_tokenizer()
     vocab_map = tok.get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab_map.items(), key=lambda kv: kv[1])]
@@ -110,14 +110,32 @@ def write_tiny_gguf(path: Path, context: int = 64, seed: int = 0) -> Path:
     types = [3 if t in special else 1 for t in tokens]
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    vocab, dim, ffn, n_heads, n_layers = len(tokens), 32, 64, 4, 1
+
+    def tokenizer(w: Any) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_eos_token_id(vocab_map["<|im_end|>"])
+
+    return write_llama_gguf(path, "tiny-gguf", len(tokens), tokenizer, context, seed)
+
+
+def write_llama_gguf(path: Path, name: str, vocab: int, tokenizer: Callable[[Any], None], context: int = 64,
+                     seed: int = 0) -> Path:
+    """A tiny F32 llama GGUF (dim 32, 1 layer, random weights) of ``vocab`` tokens; ``tokenizer`` writes the
+    `tokenizer.ggml.*` keys into the GGUFWriter."""
+    from gguf import GGUFWriter
+
+    dim, ffn, n_heads, n_layers = 32, 64, 4, 1
     rng = np.random.default_rng(seed)
 
     def r(*shape: int) -> np.ndarray:
         return (0.3 * rng.standard_normal(shape)).astype(np.float32)
 
     w = GGUFWriter(str(path), "llama")
-    w.add_name("tiny-gguf")
+    w.add_name(name)
     w.add_block_count(n_layers)
     w.add_context_length(context)
     w.add_embedding_length(dim)
@@ -127,18 +145,13 @@ def write_tiny_gguf(path: Path, context: int = 64, seed: int = 0) -> Path:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(dim // n_heads)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(vocab_map["<|im_end|>"])
+    tokenizer(w)
     w.add_tensor("token_embd.weight", r(vocab, dim))
     for i in range(n_layers):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", np.ones(dim, np.float32))
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(b + name + ".weight", r(dim, dim))
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(b + proj + ".weight", r(dim, dim))
         w.add_tensor(b + "ffn_norm.weight", np.ones(dim, np.float32))
         w.add_tensor(b + "ffn_gate.weight", r(ffn, dim))
         w.add_tensor(b + "ffn_up.weight", r(ffn, dim))
