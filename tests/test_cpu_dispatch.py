@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from numerics import assert_close_scaled
 from torch import nn
 
+from lmforge.errors import LMForgeError
 from lmforge.formats import kernel_dir
 from lmforge.quant import accelerate, cpu, kernels
 from lmforge.quant.packed import PackedLinear, PackedWeight
@@ -48,6 +49,11 @@ def test_default_choice_follows_the_features(monkeypatch: pytest.MonkeyPatch) ->
     assert cpu.fast_bf16() and cpu.packed_rows(16) == cpu.PACKED_ROWS_BF16
     monkeypatch.setenv("LMFORGE_CPU_BF16", "0")
     assert not cpu.fast_bf16()
+    for name, bad in (("LMFORGE_CPU_BF16", "yes"), ("LMFORGE_EXACT", "true")):  # refused, never ignored
+        with monkeypatch.context() as m:
+            m.setenv(name, bad)
+            with pytest.raises(LMForgeError, match=f"{name} must be .* got '{bad}'"):
+                cpu.fast_bf16()
 
 
 @pytest.mark.skipif(kernels.load(kernel_dir()) is None, reason="no C compiler or no AVX2 on this machine")

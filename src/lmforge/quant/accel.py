@@ -120,6 +120,7 @@ def accelerate(model: Transformer, kernel_dir: Path, packed: dict[str, PackedWei
     # OpenMP's and MKL's worker pools otherwise spin-wait against each other between small ops (a
     # matmul, then attention), which makes CPU decoding several times slower.
     os.environ.setdefault("KMP_BLOCKTIME", "0")
+    cpu.fast_bf16()  # a bad LMFORGE_CPU_BF16 / LMFORGE_EXACT is refused here, at load, not at a first request
     kernels.use_build_dir(kernel_dir)
     for name, pw in (packed or {}).items():
         if name == "lm_head" and model.lm_head is None:

@@ -26,6 +26,8 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import LMForgeError
+
 # bf16 products need matrices at least this wide: narrower ones gain little and would lose digits for nothing.
 BF16_MIN_WIDTH = 256
 # Products with more rows than this use dense bf16 matmuls where bf16 is fast. Measured on a Zen 5 core
@@ -87,15 +89,22 @@ def features() -> CpuFeatures:
         {"amx_tile", "amx_bf16"} <= flags, {"amx_tile", "amx_int8"} <= flags)
 
 
+def _switch(name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, default)
+    if value not in allowed:
+        raise LMForgeError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}")
+    return value
+
+
 def exact() -> bool:
     """LMFORGE_EXACT=1: fp32 everywhere, no bf16 products, no int16 activations."""
-    return os.environ.get("LMFORGE_EXACT", "0") == "1"
+    return _switch("LMFORGE_EXACT", ("0", "1"), "0") == "1"
 
 
 def fast_bf16() -> bool:
     """Whether large CPU products run in bf16: where bf16 matmuls are fast (AVX-512 BF16 or AMX), unless
     the exact mode is on. LMFORGE_CPU_BF16=1 / 0 forces the choice (1 works on any CPU, slowly on most)."""
-    choice = os.environ.get("LMFORGE_CPU_BF16", "auto")
+    choice = _switch("LMFORGE_CPU_BF16", ("auto", "0", "1"), "auto")
     if exact() or choice == "0":
         return False
     f = features()
