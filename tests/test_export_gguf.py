@@ -335,7 +335,7 @@ def test_cli_bad_quant_is_one_line_and_leaves_the_old_file(capsys: pytest.Captur
     out.write_bytes(b"old contents")
     rc, stdout, err = _cli(capsys, "export", llama_dir, "--to", "gguf", out, "--quant", "q5_k")
     assert rc == 1 and stdout == ""
-    assert err == "lmforge: error: unsupported GGUF quantization 'q5_k' (supported: f32, f16, q8_0, q4_1)\n"
+    assert err == "lmforge: error: unsupported GGUF quantization 'q5_k' (supported: f32, f16, bf16, q8_0, q4_1)\n"
     for argv in (("--to", "gguf", tmp_path / "x.bin"), ("--to", "onnx", tmp_path / "x"),
                  ("--to", "hf", tmp_path / "x", "--quant", "q8_0")):
         rc, _, err = _cli(capsys, "export", llama_dir, *argv)

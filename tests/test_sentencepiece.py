@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from tiny import write_llama_gguf
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tiny import EOS, PAD, SENTINELS, TEXTS, UNK, write_llama_gguf
+from tiny import SPM_CORPUS as CORPUS
+from tiny import train_t5_unigram as _train_unigram
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, trainers
 from transformers.tokenization_utils_base import generate_merges
 
 import lmforge
@@ -21,41 +23,6 @@ from lmforge.cli import main
 from lmforge.errors import LMForgeError
 from lmforge.formats import load_tokenizer
 from lmforge.tokenizer import Tokenizer, spm_merges
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. The dog was not amused, and the fox ran away.",
-    "Le renard brun rapide saute par-dessus le chien paresseux. Où est la bibliothèque, s'il vous plaît ?",
-    "Der schnelle braune Fuchs springt über den faulen Hund. Größe, Straße und Äpfel schmecken gut.",
-    "敏捷的棕色狐狸跳过了懒狗。我们今天去公园散步。",
-    "素早い茶色の狐がのろまな犬を飛び越える。東京は大きい都市です。",
-    "빠른 갈색 여우가 게으른 개를 뛰어넘는다.",
-    "Emoji: 😀 🎉 👍🏽 and more words after them.",
-    "Numbers 12345 and 67890, symbols #$%&*() [] {} <> | ~ and code: def f(x): return x * 2",
-    "Tabs\tand newlines\nand   runs   of    spaces.",
-]
-# What is compared: the corpus, sentinels written in text, whitespace runs and edges, characters never seen.
-TEXTS = [*CORPUS,
-         "Translate to German: <extra_id_0> is a <extra_id_1> fox.<extra_id_99>",
-         "x<extra_id_5>y <extra_id_12> z", "   leading, trailing and\t\tinner   whitespace   ",
-         "line one\n\nline two\r\n", "", " ", "unseen: ŧ Ж ℵ 🦀 ǅ", "ﬁ ＦＵＬＬ width ①", "café naïve façade",
-         "</s> <pad> <unk> written in text", "mixed 中文 English Deutsch français 😀!"]
-SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-
-
-def _train_unigram(vocab_size: int = 350) -> HFTokenizer:
-    """T5's tokenizer.json shape: Unigram, whitespace split then `▁`, `</s>` appended, 100 sentinels last."""
-    hf = HFTokenizer(models.Unigram())
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK], unk_token=UNK,
-                                      show_progress=False)
-    hf.train_from_iterator(CORPUS * 10, trainer)
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reversed(SENTINELS)])
-    hf.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                      special_tokens=[(EOS, hf.token_to_id(EOS))])
-    return hf
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ import pytest
 import torch
 from numerics import assert_close_scaled
 from safetensors.torch import load_file, save_file
+from tiny import T5_VARIANTS as VARIANTS
+from tiny import make_bart_dir, make_t5_dir
+from tiny import t5_config as _hf_config
 
 from lmforge.engine.kv_cache import KVCache
 from lmforge.errors import LMForgeError
@@ -26,55 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4  # relative to the outputs' magnitude (see numerics.assert_close_scaled)
 VOCAB, EOS, START = 128, 1, 0
 STEPS = 32
-
-# v1.0: ReLU MLP, output tied to the embedding (and scaled by d_model**-0.5), default buckets.
-# v1.1 / flan-T5: gated-GELU MLP, an output matrix of its own, few buckets and a short max distance so
-# that 32 decoding steps reach the logarithmic buckets and the last, shared one.
-VARIANTS = {
-    "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
-    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=8,
-                 relative_attention_max_distance=12),
-}
-
-
-def _hf_config(variant: str, **kw) -> transformers.T5Config:
-    return transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3,
-                                 num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=EOS,
-                                 decoder_start_token_id=START, **(VARIANTS[variant] | kw))
-
-
-def _init(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights larger than T5's own init (matrices 1.5 / sqrt(fan-in), norms near 1), so that greedy
-    decoding is varied and its top two logits stay well apart, yet the unscaled attention is not so
-    peaked that float32 rounding decides the next token."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith(("shared.weight", "lm_head.weight", "relative_attention_bias.weight")):
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(1.5 * p.shape[1] ** -0.5 * torch.randn(p.shape, generator=g))
-
-
-def make_t5_dir(path: Path, variant: str, **kw) -> Path:
-    """A tiny random T5ForConditionalGeneration saved by transformers. An untied variant gets an output
-    matrix of its own in the file (transformers ties it to the embedding when it builds the model)."""
-    cfg = _hf_config(variant, **kw)
-    model = transformers.T5ForConditionalGeneration(cfg)
-    _init(model)
-    model.save_pretrained(path)
-    if not VARIANTS[variant]["tie_word_embeddings"]:
-        tensors = load_file(path / "model.safetensors")
-        tensors["lm_head.weight"] = torch.randn(VOCAB, cfg.d_model, generator=torch.Generator().manual_seed(1))
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-        config = json.loads((path / "config.json").read_text())
-        config["tie_word_embeddings"] = False
-        config.pop("scale_decoder_outputs", None)
-        (path / "config.json").write_text(json.dumps(config))
-    return path
-
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def t5(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
@@ -278,40 +232,23 @@ def test_config_switches_are_checked() -> None:
 
 
 
-def test_decoder_lm_paths_refuse_an_encoder_decoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Generation as a decoder LM (the engine's path) is a one-line error naming the model kind, not a traceback."""
+def test_decoder_lm_paths_refuse_an_encoder_decoder(tmp_path: Path) -> None:
+    """Running as a decoder LM over one token sequence (prompt scoring's path) is an error naming the model kind
+    (generation runs through the engine's encoder-decoder steps: tests/test_seq2seq_engine.py)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from lmforge.cli import main
+    import lmforge
 
     path = make_t5_dir(tmp_path / "t5", "v1.0")
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{i}", -1.0) for i in range(VOCAB - 3)]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.save(str(path / "tokenizer.json"))
-    capsys.readouterr()
-    assert main(["generate", str(path), "hi", "--device", "cpu"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "t5 model is an encoder-decoder" in err[0], err
+    with pytest.raises(LMForgeError, match="t5 model is an encoder-decoder"):
+        lmforge.load(path, device="cpu").score([5, 6, 7])
 
 
 # -- BART: the same model core with post-norm, learned positions, biases and GELU ---------------------------------
-def make_bart_dir(path: Path, **kw) -> Path:
-    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=3,
-                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
-                                  decoder_ffn_dim=96, max_position_embeddings=48, dropout=0.0,
-                                  forced_eos_token_id=None, **kw)
-    model = transformers.BartForConditionalGeneration(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # varied greedy output: embeddings at std 1, matrices near BART's init, real biases
-        for name, p in model.named_parameters():
-            std = 0.1 if p.dim() == 1 else 1.0 if name.endswith(("shared.weight", "positions.weight")) else 0.03
-            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + std * torch.randn(p.shape, generator=g))
-        model.final_logits_bias.copy_(0.1 * torch.randn(model.final_logits_bias.shape, generator=g))
-    model.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("scale_embedding", [False, True])
 def test_bart_matches_transformers_and_round_trips(tmp_path: Path, scale_embedding: bool) -> None:
     path = make_bart_dir(tmp_path / "bart", scale_embedding=scale_embedding)

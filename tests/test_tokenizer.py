@@ -241,7 +241,7 @@ def test_gguf_unsupported_pre_tokenizer(hf_tok: HFTokenizer, pre: str) -> None:
     assert "gpt-2" in str(ei.value)  # the supported ones are listed
 
 
-@pytest.mark.parametrize("model", ["bert", "t5", "rwkv"])  # "llama": tests/test_sentencepiece.py
+@pytest.mark.parametrize("model", ["bert", "plamo2", "rwkv"])  # "llama": test_sentencepiece.py, "t5": test_t5_gguf.py
 def test_gguf_unsupported_tokenizer_model(hf_tok: HFTokenizer, model: str) -> None:
     with pytest.raises(LMForgeError, match=f"unsupported GGUF tokenizer model '{model}'"):
         Tokenizer.from_gguf_metadata(_gguf_meta(hf_tok, **{"tokenizer.ggml.model": model}))

@@ -7,6 +7,8 @@
 * ``write_tiny_gguf(path)``: a tiny llama GGUF (F32) with a byte-level BPE vocabulary.
 * ``ScriptedModel``: a stand-in for ``Transformer`` whose greedy output is a fixed token script, so
   engine tests can make the "model" say exactly the text they need.
+* ``make_t5_dir(path, variant)``: a tiny random T5 v1.0 or v1.1 HF directory; ``train_t5_unigram()``: T5's
+  Unigram tokenizer.json shape with its sentinels, and ``TEXTS``, the multilingual texts it is compared on.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.model import ModelConfig
 
@@ -237,3 +239,115 @@ def make_tiny_bert_dir(tmp: Path, words: list[str], seed: int = 0, layers: int =
           "sep_token": "[SEP]", "mask_token": "[MASK]", "model_max_length": 64}
     (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2), encoding="utf-8")
     return tmp
+
+
+# -- T5 (tests/test_t5.py, tests/test_t5_gguf.py) --------------------------------------------------------
+# v1.0: ReLU MLP, output tied to the embedding (and scaled by d_model**-0.5), default buckets.
+# v1.1 / flan-T5: gated-GELU MLP, an output matrix of its own, few buckets and a short max distance so
+# that 32 decoding steps reach the logarithmic buckets and the last, shared one.
+T5_VARIANTS = {
+    "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=12),
+}
+
+
+def t5_config(variant: str, vocab: int = 128, **kw: Any) -> Any:
+    """A tiny transformers T5Config: d_model 64, 2 encoder and 3 decoder layers, 4 heads."""
+    import transformers
+
+    base = dict(vocab_size=vocab, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=4,
+                dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return transformers.T5Config(**(base | T5_VARIANTS[variant] | kw))
+
+
+def init_t5(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights larger than T5's own init (matrices 1.5 / sqrt(fan-in), norms near 1), so that greedy
+    decoding is varied and its top two logits stay well apart, yet the unscaled attention is not so
+    peaked that float32 rounding decides the next token."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("shared.weight", "lm_head.weight", "relative_attention_bias.weight")):
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(1.5 * p.shape[1] ** -0.5 * torch.randn(p.shape, generator=g))
+
+
+def make_t5_dir(path: Path, variant: str, vocab: int = 128, **kw: Any) -> Path:
+    """A tiny random T5ForConditionalGeneration saved by transformers. An untied variant gets an output
+    matrix of its own in the file (transformers ties it to the embedding when it builds the model)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    cfg = t5_config(variant, vocab, **kw)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    init_t5(model)
+    model.save_pretrained(path)
+    if not T5_VARIANTS[variant]["tie_word_embeddings"]:
+        tensors = load_file(path / "model.safetensors")
+        tensors["lm_head.weight"] = torch.randn(vocab, cfg.d_model, generator=torch.Generator().manual_seed(1))
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((path / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        config.pop("scale_decoder_outputs", None)
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def make_bart_dir(path: Path, vocab: int = 128, **kw: Any) -> Path:
+    """A tiny random BartForConditionalGeneration saved by transformers."""
+    import transformers
+
+    cfg = transformers.BartConfig(vocab_size=vocab, d_model=64, encoder_layers=2, decoder_layers=3,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+                                  decoder_ffn_dim=96, max_position_embeddings=48, dropout=0.0,
+                                  forced_eos_token_id=None, **kw)
+    model = transformers.BartForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # varied greedy output: embeddings at std 1, matrices near BART's init, real biases
+        for name, p in model.named_parameters():
+            std = 0.1 if p.dim() == 1 else 1.0 if name.endswith(("shared.weight", "positions.weight")) else 0.03
+            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + std * torch.randn(p.shape, generator=g))
+        model.final_logits_bias.copy_(0.1 * torch.randn(model.final_logits_bias.shape, generator=g))
+    model.save_pretrained(path)
+    return path
+
+
+# -- T5's SentencePiece Unigram tokenizer (tests/test_sentencepiece.py, tests/test_t5_gguf.py) -------------
+SPM_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog was not amused, and the fox ran away.",
+    "Le renard brun rapide saute par-dessus le chien paresseux. Où est la bibliothèque, s'il vous plaît ?",
+    "Der schnelle braune Fuchs springt über den faulen Hund. Größe, Straße und Äpfel schmecken gut.",
+    "敏捷的棕色狐狸跳过了懒狗。我们今天去公园散步。",
+    "素早い茶色の狐がのろまな犬を飛び越える。東京は大きい都市です。",
+    "빠른 갈색 여우가 게으른 개를 뛰어넘는다.",
+    "Emoji: 😀 🎉 👍🏽 and more words after them.",
+    "Numbers 12345 and 67890, symbols #$%&*() [] {} <> | ~ and code: def f(x): return x * 2",
+    "Tabs\tand newlines\nand   runs   of    spaces.",
+]
+# What is compared: the corpus, sentinels written in text, whitespace runs and edges, characters never seen.
+TEXTS = [*SPM_CORPUS,
+         "Translate to German: <extra_id_0> is a <extra_id_1> fox.<extra_id_99>",
+         "x<extra_id_5>y <extra_id_12> z", "   leading, trailing and\t\tinner   whitespace   ",
+         "line one\n\nline two\r\n", "", " ", "unseen: ŧ Ж ℵ 🦀 ǅ", "ﬁ ＦＵＬＬ width ①", "café naïve façade",
+         "</s> <pad> <unk> written in text", "mixed 中文 English Deutsch français 😀!"]
+SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+
+def train_t5_unigram(vocab_size: int = 350) -> HFTokenizer:
+    """T5's tokenizer.json shape: Unigram, whitespace split then `▁`, `</s>` appended, 100 sentinels last."""
+    hf = HFTokenizer(models.Unigram())
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK], unk_token=UNK,
+                                      show_progress=False)
+    hf.train_from_iterator(SPM_CORPUS * 10, trainer)
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reversed(SENTINELS)])
+    hf.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                      special_tokens=[(EOS, hf.token_to_id(EOS))])
+    return hf

@@ -64,6 +64,11 @@ class LM:
         return not self.config.causal
 
     @property
+    def is_seq2seq(self) -> bool:
+        """Encoder-decoders (T5, BART): a prompt is the source text the encoder reads; there is no chat template."""
+        return bool(self.config.decoder_layers)
+
+    @property
     def pooling(self) -> Pooling:
         """How `embed` turns hidden states into one vector (from sentence-transformers files, else mean)."""
         if self._pooling is None:
@@ -128,14 +133,23 @@ class LM:
         return self.tokenizer.decode(self.chat_prompt(messages, offered), skip_special_tokens=False)
 
     def stream(self, prompt: str, **params: Any) -> Iterator[str]:
-        """Yield text deltas as they are generated."""
-        return self.engine.stream(self._prompt_ids(prompt), SamplingParams(**params))
+        """Yield text deltas as they are generated (beam search, ``num_beams > 1``, yields its text when done)."""
+        return self._stream(self._prompt_ids(prompt), SamplingParams(**params))
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        return iter(self.start(ids, params)) if params.num_beams > 1 else self.engine.stream(ids, params)
 
     def start(self, prompt: str | list[int], params: SamplingParams | None = None, constraint: Any = None
               ) -> Generation:
         """Queue one prompt (text or token ids) now, checked against the context; iterate the result for text
         deltas, then read its finished `sequence` (text, finish reason, logprobs, error). ``constraint``: a
-        decoding constraint (`tool_constraint`)."""
+        decoding constraint (`tool_constraint`). Beam search (``num_beams > 1``) runs to the end here, and
+        iterating yields its whole text at once."""
+        if params is not None and params.num_beams > 1:
+            if constraint is not None:
+                raise LMForgeError("a decoding constraint cannot be combined with num_beams > 1")
+            seq = self.engine.generate([self._prompt_ids(prompt)], params)[0]
+            return Generation(self.engine, seq, iter([seq.text] if seq.text else []))
         seq = self.engine.add(self._prompt_ids(prompt), params)
         seq.constraint = constraint
         return Generation(self.engine, seq)
@@ -143,9 +157,19 @@ class LM:
     def chat_prompt(self, messages: str | Messages, tools: list[dict[str, Any]] | ToolChoice | None = None
                     ) -> list[int]:
         """The conversation's prompt tokens; tools (OpenAI tool definitions) are rendered by the chat template
-        when it supports them, else in the built-in Hermes/Qwen format (`lmforge.tools.calling`)."""
+        when it supports them, else in the built-in Hermes/Qwen format (`lmforge.tools.calling`). An
+        encoder-decoder has no chat template: its source is the last user message, encoded as it stands."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if self.is_seq2seq:
+            if tools:
+                raise LMForgeError(f"a {self.config.family} model (an encoder-decoder) cannot be offered tools")
+            if any(m.get("role") in ("system", "developer") for m in messages):
+                raise LMForgeError("an encoder-decoder has no chat template to give a system prompt to")
+            users = [m.get("content") for m in messages if m.get("role") == "user"]
+            if not users or not isinstance(users[-1], str):
+                raise LMForgeError("an encoder-decoder reads the last user message as its source: send one, as text")
+            return self.tokenizer.encode(users[-1])
         if not tools and not any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
             return self.tokenizer.encode_chat(messages)
         offered = (tools if isinstance(tools, ToolChoice) else check_tools(tools)).tools
@@ -205,7 +229,7 @@ class LM:
         if tools is None and tool_choice is None:
             ids = self.chat_prompt(messages)
             if stream:
-                return self.engine.stream(ids, SamplingParams(**params))
+                return self._stream(ids, SamplingParams(**params))
             return self.engine.generate([ids], SamplingParams(**params))[0].text
         if stream:
             raise LMForgeError("chat: stream cannot be combined with tools (the answer is a message)")
@@ -232,15 +256,15 @@ class Generation:
     the iteration early) cancels it. A failure is not raised: it is `sequence.error`, with finish reason
     "error", so that callers word it themselves."""
 
-    def __init__(self, engine: Engine, seq: Sequence) -> None:
+    def __init__(self, engine: Engine, seq: Sequence, deltas: Iterator[str] | None = None) -> None:
         self.sequence, self._engine = seq, engine
-        self._deltas = engine.run(seq)
+        self._deltas = engine.run(seq) if deltas is None else deltas
 
     def __iter__(self) -> Iterator[str]:
         return self._deltas
 
     def close(self) -> None:
-        self._deltas.close()
+        getattr(self._deltas, "close", lambda: None)()
         if not self.sequence.done:  # never iterated: the generator had no frame to clean up in
             self._engine.cancel(self.sequence)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LMForgeError
@@ -78,7 +79,7 @@ def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 
 
 # `tokenizer.ggml.model` values lmforge rebuilds.
-GGUF_TOKENIZER_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
+GGUF_TOKENIZER_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE", "t5": "SentencePiece Unigram"}
 # Architectures whose SentencePiece GGUF vocabularies are spelled or merged differently from Llama's.
 _SPM_OTHER_SPELLINGS = ("gemma", "gemma2", "gemma3", "gemma3n", "phi3")
 SPACE = "\u2581"  # SentencePiece's visible space
@@ -146,6 +147,50 @@ def _gguf_sentencepiece(meta: dict[str, Any], tokens: list[str], types: list[int
     special = [t for t, ty in zip(tokens, types) if ty in (2, 3)]
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t in dict.fromkeys([*special, *named])])
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    if user:
+        hf.add_tokens(user)
+    return hf
+
+
+def _t5_sentinels(tokens: list[str], types: list[int]) -> tuple[list[str], list[int]]:
+    """llama.cpp's converter writes T5's 100 sentinels as unused ``[PAD{id}]`` placeholders; they are
+    named back, ``<extra_id_99>`` first, as special tokens (as transformers reads such files)."""
+    if any(t.startswith("<extra_id_") for t in tokens):
+        return tokens, types
+    blanks = [i for i, t in enumerate(tokens) if re.fullmatch(r"\[PAD\d+\]", t)][:100]
+    tokens, types = list(tokens), list(types)
+    for n, i in enumerate(blanks):
+        tokens[i], types[i] = f"<extra_id_{99 - n}>", 3
+    return tokens, types
+
+
+def _gguf_unigram(meta: dict[str, Any], tokens: list[str], types: list[int], named: list[str]) -> HFTokenizer:
+    """SentencePiece Unigram as llama.cpp's `t5` vocabulary describes it, built as transformers builds T5's
+    tokenizer: the precompiled charsmap as the normalizer, whitespace split, `▁` prepended to each word."""
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise LMForgeError("GGUF Unigram tokenizer: tokenizer.ggml.scores is missing or does not match "
+                           f"the {len(tokens)} tokens")
+    if not meta.get("tokenizer.ggml.remove_extra_whitespaces", True):
+        raise LMForgeError("unsupported GGUF Unigram tokenizer: tokenizer.ggml.remove_extra_whitespaces = false")
+    unk = meta.get("tokenizer.ggml.unknown_token_id", next((i for i, t in enumerate(types) if t == 2), None))
+    if not isinstance(unk, int) or not 0 <= unk < len(tokens):
+        raise LMForgeError("GGUF Unigram tokenizer: no unknown token (tokenizer.ggml.unknown_token_id)")
+    hf = HFTokenizer(models.Unigram([(t, float(s)) for t, s in zip(tokens, scores)], unk_id=unk, byte_fallback=False))
+    charsmap = meta.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap:
+        try:
+            hf.normalizer = normalizers.Precompiled(bytes(charsmap))
+        except Exception as e:  # tokenizers raises a bare Exception on a charsmap it cannot parse
+            raise LMForgeError(f"unsupported GGUF tokenizer.ggml.precompiled_charsmap ({str(e).splitlines()[0]})"
+                               ) from None
+    scheme = "always" if meta.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=scheme)])
+    hf.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme=scheme)
+    special = [t for t, ty in zip(tokens, types) if ty in (2, 3)]
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys([*special, *named])])
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
     if user:
         hf.add_tokens(user)
@@ -250,14 +295,16 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
-        """Rebuild the tokenizer from `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) or SentencePiece
-        BPE (`llama`: tokens, scores and types, byte fallback, the `▁` space)."""
+        """Rebuild the tokenizer from `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`), SentencePiece
+        BPE (`llama`: tokens, scores and types, byte fallback, the `▁` space) or Unigram (`t5`)."""
         kind = meta.get("tokenizer.ggml.model")
         if kind not in GGUF_TOKENIZER_MODELS:
             raise LMForgeError(f"unsupported GGUF tokenizer model {kind!r} "
                                f"(supported: {', '.join(f'{k} ({v})' for k, v in GGUF_TOKENIZER_MODELS.items())})")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if kind == "t5":
+            tokens, types = _t5_sentinels(tokens, types)
 
         def tok(key: str) -> str | None:
             i = meta.get(f"tokenizer.ggml.{key}")
@@ -266,11 +313,15 @@ class Tokenizer:
         named = {k: tok(f"{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
         if kind == "gpt2":
             hf = _gguf_byte_level(meta, tokens, types)
+        elif kind == "t5":
+            hf = _gguf_unigram(meta, tokens, types, [t for t in named.values() if t is not None])
         else:
             hf = _gguf_sentencepiece(meta, tokens, types, [t for t in named.values() if t is not None])
-        # llama.cpp (and transformers) add BOS to a SentencePiece vocabulary unless the file says otherwise.
+        # llama.cpp (and transformers) add BOS to a SentencePiece-BPE vocabulary and EOS to a Unigram (T5) one
+        # unless the file says otherwise.
+        default = {"llama": "bos", "t5": "eos"}.get(kind)
         add = {k: tokens[i] for k in ("bos", "eos")
-               if meta.get(f"tokenizer.ggml.add_{k}_token", kind == "llama" and k == "bos")
+               if meta.get(f"tokenizer.ggml.add_{k}_token", k == default)
                and (i := meta.get(f"tokenizer.ggml.{k}_token_id")) is not None and 0 <= i < len(tokens)}
         if add:
             def template(seq: str, type_id: int) -> list[str]:

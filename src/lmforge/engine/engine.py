@@ -14,6 +14,8 @@ is never preempted, so one always makes progress and any sequence can reach the 
 A slot keeps its keys and values after its sequence leaves. A new prompt that starts like what some
 slot holds (a shared system prompt, the earlier turns of a chat) reuses that prefix: it is copied
 into the new sequence's slot (or is already there) and only the rest of the prompt is prefilled.
+
+An encoder-decoder (T5, BART) runs these same steps with its own prefill and decode (engine/seq2seq.py).
 """
 
 from __future__ import annotations
@@ -82,6 +84,14 @@ class Sequence:
 
 
 class Engine:
+    def __new__(cls, model: Any, *args: Any, **kwargs: Any) -> Engine:
+        # An encoder-decoder gets the same engine with its seq2seq steps (engine/seq2seq.py).
+        if cls is Engine and model.cfg.decoder_layers:
+            from .seq2seq import Seq2SeqEngine
+
+            return super().__new__(Seq2SeqEngine)
+        return super().__new__(cls)
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 8,
                  max_len: int | None = None, kv_memory: int | None = None) -> None:
         """``kv_memory``: bytes the KV cache may take, all slots together (default: `default_kv_memory`)."""
@@ -118,7 +128,11 @@ class Engine:
         clamped to the room the context leaves beside the prompt."""
         params = params or SamplingParams()
         prompt_ids = self.check(prompt_ids, params)
-        return self.enqueue(prompt_ids, params, min(params.max_tokens, self.context - len(prompt_ids)))
+        return self.enqueue(prompt_ids, params, min(params.max_tokens, self.room(len(prompt_ids))))
+
+    def room(self, prompt_len: int) -> int:
+        """The most tokens a prompt of this length leaves room to generate."""
+        return self.context - prompt_len
 
     def check(self, prompt_ids: Seq[int], params: SamplingParams) -> list[int]:
         """The prompt as a list of ints, once it and the parameters are known to fit this engine; raises
@@ -129,10 +143,7 @@ class Engine:
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise LMForgeError("the prompt is empty")
-        n = len(prompt_ids)
-        if n >= self.context:
-            held = " (all that the KV cache memory holds)" if self.kv_limits_context else ""
-            raise LMForgeError(f"prompt is {n} tokens, but the context window is {self.context} tokens{held}")
+        self.check_length(len(prompt_ids))
         bad = [i for i in prompt_ids if not 0 <= i < self.cfg.vocab_size]
         if bad:
             raise LMForgeError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
@@ -143,20 +154,39 @@ class Engine:
             raise LMForgeError("stop strings need a tokenizer")
         return prompt_ids
 
+    def check_length(self, n: int) -> None:
+        """Refuse a prompt of n tokens that leaves no room to generate."""
+        if n >= self.context:
+            held = " (all that the KV cache memory holds)" if self.kv_limits_context else ""
+            raise LMForgeError(f"prompt is {n} tokens, but the context window is {self.context} tokens{held}")
+
     def enqueue(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None = None) -> Sequence:
         """Queue a prompt that its caller has checked (`check`, or the server's own checks at its edge): it
         fits the context with ``max_tokens`` (default ``params.max_tokens``) beside it."""
+        if params.num_beams > 1:
+            raise LMForgeError(f"num_beams={params.num_beams}: beam search runs for encoder-decoder models only, "
+                               "through generate (it is not streamed)")
         stop_ids = set(params.stop_token_ids)
-        if self.tok is not None and not params.ignore_eos:
-            stop_ids.update(self.tok.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.eos_ids)
+        before = self.output_prefix(prompt_ids)  # what the output continues: penalties and decoding see it
         seq = Sequence(
             prompt_ids=prompt_ids, params=params, max_tokens=params.max_tokens if max_tokens is None else max_tokens,
-            sampler=SamplerState(params, prompt_ids, self.cfg.vocab_size, self.device),
-            decoder=self.tok.decoder(prompt_ids) if self.tok is not None else None,
+            sampler=SamplerState(params, before, self.cfg.vocab_size, self.device),
+            decoder=self.tok.decoder(before) if self.tok is not None else None,
             stop_ids=frozenset(stop_ids),
         )
         self.waiting.append(seq)
         return seq
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Tokens that end an output unless ignore_eos."""
+        return list(self.tok.stop_token_ids) if self.tok is not None else []
+
+    def output_prefix(self, prompt_ids: list[int]) -> list[int]:
+        """The tokens the output follows: the prompt (an encoder-decoder's output follows its start token)."""
+        return prompt_ids
 
     def cancel(self, seq: Sequence) -> None:
         if seq in self.waiting:
@@ -245,7 +275,7 @@ class Engine:
             src = torch.tensor(keep, device=self.device)
             saved = old.k[:, src, :, :n], old.v[:, src, :, :n]  # copies, so the old cache can go first
         self.cache = old = None  # freed before the new one is allocated, so the two never add up
-        self.cache = KVCache(self.cfg, new_rows, new_len, self.device, self.dtype)
+        self.cache = self.new_cache(new_rows, new_len)
         if saved is not None:
             dst = torch.tensor(target, device=self.device)
             self.cache.k[:, dst, :, :n], self.cache.v[:, dst, :, :n] = saved
@@ -255,6 +285,9 @@ class Engine:
         self.holder = {new: self.holder[sl] for sl, new in zip(keep, target)}
         for sl, s in self.holder.items():
             s.slot = sl
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, rows, max_len, self.device, self.dtype)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, str]]:

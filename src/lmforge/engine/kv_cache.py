@@ -8,6 +8,8 @@ exceeds the tokens its memory budget holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import LMForgeError
@@ -22,8 +24,8 @@ DEFAULT_KV_MEMORY = 512 * 2**20
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of keys and values that one token takes in the cache (all layers)."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+    """Bytes of keys and values that one token takes in the cache (all layers; an encoder-decoder's decoder's)."""
+    return 2 * (cfg.decoder_layers or cfg.n_layers) * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
 
 
 def default_kv_memory(cfg: ModelConfig, context: int, dtype: torch.dtype) -> int:
@@ -43,7 +45,7 @@ class KVCache(DecodeKVStore):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape = (cfg.decoder_layers or cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.rows, self.max_len = rows, max_len
@@ -92,3 +94,54 @@ class KVCache(DecodeKVStore):
             cv[self._rows, :, self._cols] = v
         n = self._kv_len
         return ck[self._rows, :, :n], cv[self._rows, :, :n]
+
+
+class CrossKVCache(KVCache):
+    """An encoder-decoder's cache (`model.blocks.CrossKVStore`): the decoder's self-attention keys/values in
+    the slots above, and per slot each decoder layer's cross-attention keys/values of its source, made once
+    (at the sequence's prefill) and read by every decode step. Their width grows to the longest source held."""
+
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(cfg, rows, max_len, device, dtype)
+        self.cross_shape = (cfg.decoder_layers, rows, cfg.n_kv_heads, 0, cfg.head_dim)
+        self.cross_k = torch.zeros(self.cross_shape, device=device, dtype=dtype)
+        self.cross_v = torch.zeros(self.cross_shape, device=device, dtype=dtype)
+        self.fresh = False  # the bound rows' cross keys/values are made by this forward (a prefill)
+        self.src_len = 0  # source positions the bound rows attend to
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + 2 * self.cross_k.numel() * self.cross_k.element_size()
+
+    def bind_source(self, src_len: int, fresh: bool) -> None:
+        """Before a forward: the bound rows' longest source, and whether the forward makes their cross keys."""
+        self.src_len, self.fresh = src_len, fresh
+        if src_len > self.cross_k.shape[3]:
+            grow = list(self.cross_shape)
+            grow[3] = src_len
+            k, v = self.cross_k.new_zeros(grow), self.cross_v.new_zeros(grow)
+            old = self.cross_k.shape[3]
+            k[:, :, :, :old], v[:, :, :, :old] = self.cross_k, self.cross_v
+            self.cross_k, self.cross_v = k, v
+
+    def cross(self, layer: int, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.cross_k[layer], self.cross_v[layer]
+        if self.fresh:
+            k, v = make()
+            ck[self._rows, :, : k.shape[2]] = k
+            cv[self._rows, :, : v.shape[2]] = v
+            return k, v
+        return ck[self._rows, :, : self.src_len], cv[self._rows, :, : self.src_len]
+
+    def saved_cross(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of these slots' cross keys/values (to carry into a reshaped cache: `restore_cross`)."""
+        idx = torch.tensor(slots, device=self.k.device)
+        return self.cross_k[:, idx], self.cross_v[:, idx]
+
+    def restore_cross(self, slots: list[int], saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        k, v = saved
+        self.bind_source(k.shape[3], False)
+        idx = torch.tensor(slots, device=self.k.device)
+        self.cross_k[:, idx, :, : k.shape[3]], self.cross_v[:, idx, :, : v.shape[3]] = k, v

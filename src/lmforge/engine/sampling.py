@@ -22,6 +22,9 @@ REPETITION_PENALTY_MAX = 10.0
 # Seeds are 64-bit signed integers, as in vLLM; torch's generators accept the whole range.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 _FMAX = torch.finfo(torch.float32).max
+MAX_BEAMS = 16
+# Sampling options that beam search does not apply: a request setting one with num_beams > 1 is refused.
+BEAMLESS = ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs")
 
 
 class SamplingError(LMForgeError):
@@ -68,6 +71,13 @@ class SamplingParams:
     top_logprobs: int = 0
     # End-of-turn tokens and stop strings do not end the output before this many tokens (vLLM's min_tokens).
     min_tokens: int = 0
+    # Beam search (encoder-decoders), with transformers' generate defaults: beams > 1 decode deterministically
+    # (the temperature does not apply); a finished hypothesis scores its summed logprob / length**length_penalty;
+    # early_stopping: True stops at num_beams finished ones, False when no running beam can still beat them
+    # (transformers' heuristic), "never" when none can in the best case.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -117,6 +127,18 @@ class SamplingParams:
             raise bad("min_tokens", f"an integer between 0 and max_tokens ({self.max_tokens})")
         if self.seed is not None and not SEED_MIN <= integer("seed") <= SEED_MAX:
             raise bad("seed", f"a 64-bit signed integer (between {SEED_MIN} and {SEED_MAX})")
+        if not 1 <= integer("num_beams") <= MAX_BEAMS:
+            raise bad("num_beams", f"an integer between 1 and {MAX_BEAMS}")
+        number("length_penalty")
+        if self.early_stopping not in (True, False, "never"):
+            raise bad("early_stopping", 'true, false or "never"')
+        if self.num_beams > 1:
+            d = SamplingParams.__dataclass_fields__
+            unsupported = [k for k in BEAMLESS if getattr(self, k) != d[k].default]
+            if unsupported or self.logit_bias or self.stop:
+                name = (unsupported or ["logit_bias" if self.logit_bias else "stop"])[0]
+                raise SamplingError(f"{name} cannot be combined with num_beams > 1 (beam search ranks whole "
+                                    "hypotheses by their logprobs)", name)
         for tok, v in (self.logit_bias or {}).items():
             if not -100.0 <= v <= 100.0:
                 raise SamplingError(f"logit_bias for token {tok} must be between -100 and 100, got {v}", "logit_bias")

@@ -26,7 +26,9 @@ def report_card(doc: dict[str, Any]) -> str:
         task = f"{r['task']} ({r['strategy']})" if r.get("strategy") else r["task"]  # a reasoning strategy's run
         lines.append(f"| {doc['model']} | {task} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['stderr'])} "
                      f"| {r['n']} | {r['shots']} |")
-    return "\n".join(lines) + "\n"
+    # sacrebleu's signature (tokenizer, smoothing, version ...) makes a BLEU or chrF figure reproducible
+    sigs = [f"{r['task']} {r['metric']}: {r['signature']}" for r in doc["results"] if r.get("signature")]
+    return "\n".join(lines) + "\n" + "".join(f"\nsignature {x}" for x in sigs) + ("\n" if sigs else "")
 
 
 def write_run(out: str | Path, doc: dict[str, Any]) -> Path:

@@ -18,6 +18,7 @@ from ..tokenizer import Tokenizer
 from .code import run_code
 from .generate import drive, extract_answer, is_correct
 from .scoring import Score, perplexity, score_groups
+from .seq2seq import run_seq2seq
 from .strategies import Strategy, evaluate_strategy
 from .tasks import Item, TaskSpec, build_items, fewshot_prefix, load_items, read_records, sample_fewshot
 from .tooleval import run_with_tools
@@ -191,6 +192,12 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
         return {"rows": rows, "samples": [{"nll": nll, "tokens": n, "bytes": nbytes, "words": words}],
                 "seconds": time.perf_counter() - t0, "n": 1, "data": str(path)}
     pool, same = _pool(spec, path, all_items)
+    if spec.kind == "seq2seq":
+        if opt.tools:
+            raise LMForgeError(f"--tools applies to generate tasks; {spec.name} is a seq2seq task")
+        rows, samples, shots = run_seq2seq(lm, spec, items, pool, same, shots, opt)
+        return {"rows": rows, "samples": samples, "seconds": time.perf_counter() - t0, "n": len(items),
+                "data": str(path), "resumed": 0}
     prefix_id = _prefix_id(tok)
     if spec.kind == "multiple_choice":
         groups = []
@@ -247,6 +254,8 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
 
 def check_strategy(spec: TaskSpec, shots: int | None) -> None:
     """A reasoning strategy answers generative tasks' questions, 0-shot, in the chat template."""
+    if spec.kind == "seq2seq":
+        raise LMForgeError(f"--strategy applies to question-answering tasks; {spec.name} is a seq2seq task")
     if spec.kind not in ("generate", "code"):
         raise LMForgeError(f"--strategy applies to generative tasks; {spec.name} is a {spec.kind.replace('_', '-')} "
                            "task, scored by log-likelihood")

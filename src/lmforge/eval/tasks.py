@@ -3,7 +3,9 @@
 A spec names a file format (jsonl, json, csv, tsv, lines, text; .gz/.bz2 read transparently) and Jinja
 snippets evaluated against each record: ``context`` and ``continuation`` are templates (rendered to
 text); ``choices``, ``contexts`` and ``gold`` are expressions (evaluated to Python values). Adding a
-multiple-choice dataset is a new TOML file, no Python. See docs/eval.md for every key.
+multiple-choice dataset is a new TOML file, no Python. Text-to-text tasks (``kind = "seq2seq"``:
+translation, summarization) name a source and a reference field, and may read line-aligned parallel files
+(``format = "parallel"``). See docs/eval.md for every key.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import Any
 
 from ..errors import LMForgeError
 
-KINDS = ("multiple_choice", "generate", "perplexity", "code")
-FORMATS = ("jsonl", "json", "csv", "tsv", "lines", "text")
+KINDS = ("multiple_choice", "generate", "perplexity", "code", "seq2seq")
+FORMATS = ("jsonl", "json", "csv", "tsv", "lines", "text", "parallel")
+SEQ2SEQ_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 
 @dataclass
@@ -36,6 +39,10 @@ class TaskSpec:
     data: str | None = None  # default data file, relative to $LMFORGE_DATA / $LMFORGE_HOME/data
     lines_per_record: int = 1  # format "lines": a record is this many lines, seen as the list `lines`
     labels: str | None = None  # a file of one label per line, joined to the records as field `label`
+    files: dict[str, str] | None = None  # format "parallel": field -> line-aligned file in the data directory
+    columns: list[str] | None = None  # csv/tsv without a header: the columns' field names
+    drop_unterminated: bool = False  # drop a last line with no newline (a file cut short mid-line)
+    every: int = 1  # keep every k-th record (0, k, 2k, ...): a fixed subset of a large set
     fewshot_data: str | None = None  # a train split to draw exemplars from (default: the set itself)
     context: str = "{{ context }}"
     choices: str | None = None  # expression -> list of continuation texts
@@ -56,6 +63,14 @@ class TaskSpec:
     n: int = 1  # samples per problem (pass@k needs n >= k)
     temperature: float | None = None  # default: greedy with n = 1, else code.SAMPLED_TEMPERATURE
     timeout: float = 10.0  # wall-clock seconds one program's tests may run
+    # seq2seq tasks: the source (input) and reference (output) fields, seen by templates as `source_text` and
+    # `target_text`; an encoder-decoder reads `prefix` + source (T5-style), a decoder the few-shot `context`
+    source_field: str | None = None
+    target_field: str | None = None
+    prefix: str = ""
+    source_lang: str | None = None
+    target_lang: str | None = None
+    tokenize: str = "13a"  # sacrebleu's BLEU tokenizer ("zh", "ja-mecab", "char", "none" ...)
     metrics: list[str] = field(default_factory=list)
     source: str = ""  # where the spec came from
 
@@ -72,9 +87,20 @@ class TaskSpec:
             raise LMForgeError(f"task {self.name}: n (samples per problem) must be a positive integer, got {self.n!r}")
         if not self.timeout > 0:
             raise LMForgeError(f"task {self.name}: timeout must be positive, got {self.timeout!r}")
+        if not isinstance(self.every, int) or self.every < 1:
+            raise LMForgeError(f"task {self.name}: every must be a positive integer, got {self.every!r}")
+        if (self.format == "parallel") != bool(self.files):
+            raise LMForgeError(f"task {self.name}: `files` (field -> file) goes with format \"parallel\", and only with it")
+        if self.kind == "seq2seq" and not (self.source_field and self.target_field):
+            raise LMForgeError(f"task {self.name}: a seq2seq spec needs `source_field` and `target_field`")
         if not self.metrics:
             self.metrics = {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"], "code": ["pass@1"],
-                            "perplexity": ["perplexity", "bits_per_byte", "word_perplexity"]}[self.kind]
+                            "perplexity": ["perplexity", "bits_per_byte", "word_perplexity"],
+                            "seq2seq": ["bleu", "chrf"]}[self.kind]
+        bad = [m for m in self.metrics if m not in SEQ2SEQ_METRICS]
+        if self.kind == "seq2seq" and bad:
+            raise LMForgeError(f"task {self.name}: unknown metric(s) {', '.join(bad)} "
+                               f"(seq2seq tasks: {', '.join(SEQ2SEQ_METRICS)})")
 
 
 @dataclass
@@ -88,6 +114,7 @@ class Item:
     choice_texts: list[str]  # for acc_norm's length normalisation (the choice without the delimiter)
     doc: dict[str, Any]
     question: str = ""  # generative tasks: what a reasoning strategy is asked
+    source: str = ""  # seq2seq tasks: the source text an encoder-decoder reads after the task prefix
 
     def exemplar(self, delimiter: str) -> str:
         g = int(self.gold) if isinstance(self.gold, int) else 0
@@ -145,14 +172,17 @@ def data_dirs() -> list[Path]:
 
 
 def resolve_data(spec: TaskSpec, data: str | Path | None) -> Path:
+    """The task's data file (for format "parallel": the directory holding its files)."""
+    found = Path.is_dir if spec.format == "parallel" else Path.is_file
     if data is not None:
         p = Path(data).expanduser()
-        if not p.is_file():
-            raise LMForgeError(f"task {spec.name}: no such data file {p}")
+        if not found(p):
+            what = "data directory" if spec.format == "parallel" else "data file"
+            raise LMForgeError(f"task {spec.name}: no such {what} {p}")
         return p
     if spec.data:
         for d in data_dirs():
-            if (d / spec.data).is_file():
+            if found(d / spec.data):
                 return d / spec.data
     where = f" (looked for {spec.data} under $LMFORGE_DATA and $LMFORGE_HOME/data)" if spec.data else ""
     raise LMForgeError(f"task {spec.name}: no data file; pass --data PATH{where}")
@@ -172,10 +202,16 @@ def read_text(path: Path) -> str:
 
 def read_records(spec: TaskSpec, path: Path) -> list[dict[str, Any]]:
     """The data file as a list of dict records (format "lines": {"lines": [...]} per record)."""
-    text = read_text(path)
     fmt = spec.format
+    text = "" if fmt == "parallel" else read_text(path)
+    if spec.drop_unterminated and text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
     try:
-        if fmt == "jsonl":
+        if fmt == "parallel":
+            recs = _read_parallel(spec, path)
+        elif fmt in ("csv", "tsv") and spec.columns:
+            recs = _read_columns(spec, path, text)
+        elif fmt == "jsonl":
             recs = [json.loads(line) for line in text.splitlines() if line.strip()]
         elif fmt == "json":
             recs = json.loads(text)
@@ -207,8 +243,42 @@ def read_records(spec: TaskSpec, path: Path) -> list[dict[str, Any]]:
             raise LMForgeError(f"{lp}: {len(labels)} labels for {len(recs)} records")
         for r, lab in zip(recs, labels):
             r["label"] = lab
+    recs = recs[::spec.every]
     if not recs:
         raise LMForgeError(f"{path}: no records")
+    return recs
+
+
+def _read_parallel(spec: TaskSpec, folder: Path) -> list[dict[str, Any]]:
+    """Line-aligned files, one per field: record i holds line i of each."""
+    cols = {}
+    for name, f in (spec.files or {}).items():
+        p = folder / f
+        if not p.is_file():
+            raise LMForgeError(f"task {spec.name}: no file {p} (field {name!r})")
+        lines = read_text(p).split("\n")
+        cols[name] = lines[:-1] if lines and lines[-1] == "" else lines
+    sizes = {name: len(v) for name, v in cols.items()}
+    if len(set(sizes.values())) > 1:
+        raise LMForgeError(f"task {spec.name}: parallel files differ in line count ("
+                           + ", ".join(f"{spec.files[n]}: {k}" for n, k in sizes.items()) + ")")  # type: ignore[index]
+    names = list(cols)
+    return [dict(zip(names, row)) for row in zip(*cols.values())]
+
+
+def _read_columns(spec: TaskSpec, path: Path, text: str) -> list[dict[str, Any]]:
+    """A csv/tsv file without a header row; extra columns (e.g. attribution) are ignored. A tsv line is split
+    on tabs alone: quotes are text (sentences contain them)."""
+    cols = spec.columns or []
+    rows = ([ln.split("\t") for ln in text.splitlines()] if spec.format == "tsv"
+            else list(csv.reader(io.StringIO(text))))
+    recs = []
+    for n, row in enumerate(rows, 1):
+        if not row or row == [""]:
+            continue
+        if len(row) < len(cols):
+            raise LMForgeError(f"{path}: line {n} has {len(row)} column(s), the spec names {len(cols)}")
+        recs.append(dict(zip(cols, row)))
     return recs
 
 
@@ -260,6 +330,9 @@ def build_items(spec: TaskSpec, records: list[dict[str, Any]]) -> list[Item]:
     c = _Compiled(spec)
     items = []
     for i, rec in enumerate(records):
+        if spec.kind == "seq2seq":
+            items.append(_seq2seq_item(spec, c, rec, i))
+            continue
         if spec.kind in ("generate", "code"):
             ctx = _render(spec, c.context, rec, "context", i)
             tgt = _render(spec, c.target, rec, "target", i) if c.target else ""
@@ -294,6 +367,19 @@ def build_items(spec: TaskSpec, records: list[dict[str, Any]]) -> list[Item]:
             raise LMForgeError(f"task {spec.name}: record {i}: gold {gold!r} is not a choice index (0-{len(texts) - 1})")
         items.append(Item(i, list(contexts), list(conts), gold, list(texts), rec))
     return items
+
+
+def _seq2seq_item(spec: TaskSpec, c: _Compiled, rec: dict[str, Any], i: int) -> Item:
+    fields = {}
+    for key, name in (("source_field", spec.source_field), ("target_field", spec.target_field)):
+        if name not in rec:
+            raise LMForgeError(f"task {spec.name}: record {i} has no field {name!r} (it has: {', '.join(map(str, rec))}); "
+                               f"set `{key}` in a spec file")
+        fields[key] = str(rec[name])
+    rec = {**rec, "source_text": fields["source_field"], "target_text": fields["target_field"]}
+    ctx = _render(spec, c.context, rec, "context", i)
+    tgt = _render(spec, c.target, rec, "target", i) if c.target else rec["target_text"]
+    return Item(i, [ctx], [tgt], rec["target_text"].strip(), [tgt], rec, ctx, rec["source_text"].strip())
 
 
 def load_items(spec: TaskSpec, data: str | Path | None = None) -> tuple[list[Item], Path]:

@@ -1,7 +1,8 @@
 """Model files: HF directories and GGUF files read into the one model core, and written back.
 
-`hf` and `gguf` read, `export` and `gguf_write` write, `hf_names` is the one table of HF tensor names
-(loading, export and PEFT adapters), `inspect` describes a file without loading it.
+`hf` and `gguf` read, `export` and `gguf_write` write, `gguf_t5` holds llama.cpp's T5 layout for both,
+`hf_names` is the one table of HF tensor names (loading, export and PEFT adapters), `inspect` describes a
+file without loading it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from ..quant.packed import PackedWeight, from_gguf_blocks
 
 Weight = torch.Tensor | PackedWeight
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "t5")
 _MISSING = object()
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -150,6 +150,10 @@ class GGUFFile:
         return value
 
     def config(self) -> ModelConfig:
+        if self.arch == "t5":
+            from .gguf_t5 import t5_config
+
+            return t5_config(self)
         k = self._key
         n_heads = k("attention.head_count", "size")
         dim = k("embedding_length", "size")
@@ -230,6 +234,11 @@ class GGUFFile:
         """Yield our (name, weight) pairs one at a time; with ``packed``, matrices may stay as codes; with
         ``headers_only``, meta tensors of the right shapes (a layout check that reads no weights)."""
         get = self.header_tensor if headers_only else self.tensor
+        if cfg.family == "t5":  # dense: the packed CPU kernels serve decoder LMs
+            from .gguf_t5 import t5_state_dict
+
+            yield from t5_state_dict(self, cfg, headers_only)
+            return
         w = get if headers_only else lambda name: self.weight(name, packed)
         yield "tok_emb.weight", get("token_embd.weight")
         if cfg.family == "gpt2":

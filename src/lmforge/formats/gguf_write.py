@@ -1,7 +1,8 @@
 """Writing models as GGUF files that llama.cpp, Ollama, transformers and lmforge itself load.
 
-The inverse of `formats.gguf`: our fused q/k/v and gate/up matrices are split into llama.cpp's tensors,
-Llama q/k rows are permuted for llama.cpp's interleaved rope, 2-D matrices are stored in the chosen
+The inverse of `formats.gguf` (T5 encoder-decoders: `formats.gguf_t5`): our fused q/k/v and gate/up
+matrices are split into llama.cpp's tensors, Llama q/k rows are permuted for llama.cpp's interleaved
+rope, 2-D matrices are stored in the chosen
 type (norms, biases and other 1-D tensors stay F32) and the tokenizer goes into `tokenizer.ggml.*`
 metadata. Tensors are encoded and written one at a time, into a temporary file renamed into place.
 """
@@ -27,7 +28,7 @@ from gguf import (
 
 from ..errors import LMForgeError
 from ..fsutil import atomic_file
-from ..model import ModelConfig, Transformer
+from ..model import ModelConfig, Transformer, make_model
 from ..tokenizer import (
     CHATML_TEMPLATE,
     END_OF_TURN_TOKENS,
@@ -36,12 +37,14 @@ from ..tokenizer import (
     QWEN2_SPLIT,
     Tokenizer,
 )
+from .gguf_t5 import add_unigram_metadata, check_t5, t5_metadata, t5_plan, unigram_metadata
 
 QT = GGMLQuantizationType
 # name -> (type of the 2-D matrices, general.file_type)
 QUANTS: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f32": (QT.F32, LlamaFileType.ALL_F32),
     "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (QT.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_1": (QT.Q4_1, LlamaFileType.MOSTLY_Q4_1),
 }
@@ -85,9 +88,14 @@ def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _arch(cfg: ModelConfig) -> str:
+def gguf_arch(cfg: ModelConfig) -> str:
+    """The GGUF architecture a model is written as, or a one-line error saying why it has none."""
+    if cfg.family == "t5":
+        check_t5(cfg)
+        return "t5"
     if cfg.family not in ARCHITECTURES or not cfg.causal or cfg.head != "lm":
-        raise LMForgeError(f"cannot write a {cfg.family} model as GGUF (supported: {', '.join(ARCHITECTURES)} decoders)")
+        raise LMForgeError(f"unsupported: cannot write a {cfg.family} model as GGUF (supported: "
+                           f"{', '.join(ARCHITECTURES)} decoders and t5 encoder-decoders, as llama.cpp names them)")
     if cfg.family != "gpt2" and (cfg.out_bias or cfg.mlp_bias):
         raise LMForgeError(f"cannot write this {cfg.family} model as GGUF: attention-output or MLP biases "
                            "have no place in the llama/qwen2 GGUF layout")
@@ -115,7 +123,7 @@ def _plan(model: Transformer, qtype: GGMLQuantizationType) -> list[_Entry]:
     cfg = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     with torch.device("meta"):
-        expected = set(Transformer(cfg).state_dict())
+        expected = set(make_model(cfg).state_dict())
     odd, missing = sorted(set(sd) - expected), sorted(expected - set(sd))
     if odd:
         raise LMForgeError(f"cannot write GGUF: unexpected tensor {odd[0]!r} (merge adapters into the model first)")
@@ -124,7 +132,7 @@ def _plan(model: Transformer, qtype: GGMLQuantizationType) -> list[_Entry]:
     entries: list[_Entry] = []
 
     def add(name: str, fn: Callable[[], torch.Tensor], shape: tuple[int, ...], head: bool = False) -> None:
-        if len(shape) == 1 or name == "position_embd.weight":  # llama.cpp reads these as F32 only
+        if len(shape) == 1 or name == "position_embd.weight" or "attn_rel_b" in name:  # llama.cpp: F32 only
             t = QT.F32
         else:
             t = _matrix_type(qtype, shape[1], head)
@@ -135,6 +143,9 @@ def _plan(model: Transformer, qtype: GGMLQuantizationType) -> list[_Entry]:
         fn = (lambda: llama_cpp_permute(t, heads)) if heads else (lambda: t)
         add(name, fn, tuple(t.shape), head)
 
+    if cfg.family == "t5":
+        t5_plan(sd, cfg, put, add)
+        return entries
     tied = cfg.tie_embeddings
     put("token_embd.weight", "tok_emb.weight", head=tied)
     if cfg.family == "gpt2":
@@ -261,6 +272,12 @@ def _check_tokenizer(tok: Tokenizer, meta: dict[str, Any]) -> None:
 def _add_metadata(w: GGUFWriter, cfg: ModelConfig, meta: dict[str, Any], name: str, ftype: LlamaFileType) -> None:
     w.add_type("model")
     w.add_name(name)
+    if cfg.family == "t5":
+        t5_metadata(w, cfg)
+        w.add_file_type(int(ftype))
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        add_unigram_metadata(w, meta)
+        return
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.dim)
     w.add_block_count(cfg.n_layers)
@@ -304,7 +321,7 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, out: str | Path, quant:
                name: str | None = None, pre: str | None = None, progress: bool = False) -> GGUFResult:
     """Write `model` and its tokenizer to a GGUF file `out` (replaced atomically).
 
-    ``quant``: f32, f16, q8_0 or q4_1 for the 2-D matrices (see `QUANTS`). ``pre`` names llama.cpp's
+    ``quant``: f32, f16, bf16, q8_0 or q4_1 for the 2-D matrices (see `QUANTS`). ``pre`` names llama.cpp's
     pre-tokenizer; by default it is read off the tokenizer (pass the source file's name to keep it).
     """
     from tqdm import tqdm
@@ -314,8 +331,12 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, out: str | Path, quant:
     if out.suffix.lower() != ".gguf":
         raise LMForgeError(f"{out}: a GGUF output file must end in .gguf")
     cfg = model.cfg
-    arch = _arch(cfg)
-    meta = tokenizer_metadata(tokenizer, cfg.vocab_size, pre)
+    arch = gguf_arch(cfg)
+    if arch == "t5":
+        meta = unigram_metadata(tokenizer, cfg.vocab_size)
+        _check_tokenizer(tokenizer, meta)
+    else:
+        meta = tokenizer_metadata(tokenizer, cfg.vocab_size, pre)
     entries = _plan(model, qtype)
     with atomic_file(out) as tmp:
         w = GGUFWriter(tmp, arch)

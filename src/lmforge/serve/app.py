@@ -211,6 +211,9 @@ def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
             raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
         raw, prompts = await asyncio.to_thread(server.token_rows, req.prompt, "prompt", cfg.max_inputs)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        if req.echo and req.logprobs is not None and lm.is_seq2seq:
+            raise APIError(400, "an encoder-decoder's prompt is its source, which it does not score: echo with "
+                                "logprobs is for decoder models", param="echo")
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be at least 1 (or use echo to score the prompt)", param="max_tokens")
         budgets = [server.budget(len(ids), req.max_tokens, explicit) for ids in prompts]

@@ -39,6 +39,9 @@ class Edge:
         self.names = {cfg.model_name}
         self.max_text_bytes = self.ctx * MAX_BYTES_PER_TOKEN
         self.native_tools = template_renders_tools(self.tok.chat_template)
+        # An encoder-decoder's prompt is its source: limited by the encoder, and generating within the decoder's
+        # whole context beside it.
+        self.source_limit = lm.config.context_length if lm.is_seq2seq else None
 
     # -- validation ------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -95,6 +98,12 @@ class Edge:
     def budget(self, prompt_len: int, requested: int | None, explicit: bool, param: str = "max_tokens",
                prompt_param: str = "prompt") -> int:
         """How many tokens a completion may generate; context overflow is a 400 naming both counts."""
+        if self.source_limit is not None:
+            if prompt_len > self.source_limit:
+                raise APIError(400, f"the source is {prompt_len} tokens, but the {self.lm.config.family} encoder "
+                                    f"takes at most {self.source_limit}", param=prompt_param,
+                               code="context_length_exceeded")
+            return self.ctx if requested is None else self.seq2seq_room(requested, explicit, param)
         if prompt_len >= self.ctx:
             raise APIError(400, f"the prompt is {prompt_len} tokens, but {self.window}",
                            param=prompt_param, code="context_length_exceeded")
@@ -106,6 +115,12 @@ class Edge:
                                 f"({prompt_len} in the prompt, {requested} for the completion)",
                            param=param, code="context_length_exceeded")
         return min(requested, room)
+
+    def seq2seq_room(self, requested: int, explicit: bool, param: str) -> int:
+        if requested > self.ctx and explicit:
+            raise APIError(400, f"{self.window}, but {requested} tokens were requested for the completion",
+                           param=param, code="context_length_exceeded")
+        return min(requested, self.ctx)
 
     # -- request -> SamplingParams -----------------------------------------------------------------------------
     def sampling(self, req: Any, max_tokens: int, logprobs: bool, top_logprobs: int, index: int) -> SamplingParams:
@@ -232,6 +247,18 @@ class Edge:
             if m.tool_calls:
                 msg["tool_calls"] = m.tool_calls
             msgs.append(msg)
+        if self.source_limit is not None:  # an encoder-decoder: no chat template, the last user message is the source
+            if tools is not None and tools.tools:
+                raise APIError(400, f"a {self.lm.config.family} model (an encoder-decoder) cannot be offered tools",
+                               param="tools")
+            if any(m["role"] == "system" for m in msgs):
+                raise APIError(400, "an encoder-decoder model has no chat template to give a system message to",
+                               param="messages")
+            users = [m["content"] for m in msgs if m["role"] == "user"]
+            if not users:
+                raise APIError(400, "an encoder-decoder model reads the last user message as its source: send one",
+                               param="messages")
+            return self.tok.encode(users[-1])
         try:
             msgs, offered = render(msgs, tools.tools if tools is not None else [], self.native_tools)
         except ToolCallError as e:

@@ -75,6 +75,16 @@ class _Sampling(_Body):
     structural_tag: Any = None
     grammar: Any = None  # llama.cpp's GBNF
     json_schema: Any = None  # llama.cpp's top-level schema
+    num_beams: Any = None  # refused above 1 (below), as is vLLM's use_beam_search
+    use_beam_search: Any = None
+
+    @field_validator("num_beams", "use_beam_search")
+    @classmethod
+    def _beams(cls, v: Any, info: Any) -> Any:
+        if (v not in (None, False)) if info.field_name == "use_beam_search" else v not in (None, 1):
+            raise _refuse("beam search is not served (the server schedules decoding step by step); it runs "
+                          "in `lmforge generate --num-beams` and the Python API's num_beams")
+        return v
 
     @field_validator(*_OTHER_GRAMMARS)
     @classmethod
