@@ -121,7 +121,7 @@ LEVELS = {
     "formats": 4,
     "engine": 5, "tools": 5, "train": 5, "finetune": 5, "eval": 5, "encoders": 5, "analysis": 5,
     "api": 6,
-    "chat": 7, "retrieval": 7, "agent": 7, "serve": 7, "cli": 7, "__main__": 7, "": 7,  # "": the lmforge package itself
+    "chat": 7, "translate": 7, "retrieval": 7, "agent": 7, "serve": 7, "cli": 7, "__main__": 7, "": 7,  # "": the lmforge package itself
 }
 MAX_LINES = 500
 

@@ -16,12 +16,12 @@ from lmforge.finetune.data import (
     IGNORE,
     build_sft_examples,
     encode_conversation,
-    iter_batches,
     load_conversations,
     render_segments,
 )
 from lmforge.finetune.sft import FinetuneConfig, FinetuneRun, collate, sft_loss
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.batching import iter_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

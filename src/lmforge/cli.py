@@ -38,6 +38,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string, not emitted (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-turn tokens")
+    g.add_argument("--num-beams", type=int, default=d.num_beams, help="beam search (encoder-decoders; 1: off)")
 
 
 def _add_model_opts(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -89,7 +90,7 @@ def _sampling(args: argparse.Namespace) -> Any:
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, logit_bias=bias or None, seed=args.seed, stop=args.stop,
         ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, logprobs=getattr(args, "logprobs", False),
-        top_logprobs=getattr(args, "top_logprobs", 0),
+        top_logprobs=getattr(args, "top_logprobs", 0), num_beams=args.num_beams,
     )
 
 
@@ -167,7 +168,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params = _sampling(args)
     tools = load_tools(args.tools, args.tool_choice) if args.tools or args.tool_choice else None
     return run_chat(_load(args), params, system=args.system, interactive=sys.stdin.isatty(), tools=tools)
-
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat with a model (interactive, or answers piped stdin)")
+    p = sub.add_parser("chat", help="chat (interactive or piped stdin; encoder-decoders: each message alone)")
     _add_model_opts(p, optional=True)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tools", default=None, metavar="FILE.json",
@@ -434,12 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parsers(fsub)
 
+    from .agent.commands import add_parsers as add_agent_parsers
     from .retrieval.commands import add_parsers as add_retrieval_parsers
+    from .translate import add_parsers as add_translate_parsers
 
     add_retrieval_parsers(sub, _add_sampling, _sampling)
-    from .agent.commands import add_parsers as add_agent_parsers
-
     add_agent_parsers(sub)
+    add_translate_parsers(sub, _add_model_opts, _add_sampling, _sampling, _load)
 
     p = sub.add_parser("eval", help="benchmark a model (multiple choice, generative, perplexity); "
                                     "`eval compare RUN_A RUN_B` diffs two runs")
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="registry name, .gguf file or HF directory (e.g. a training checkpoint)")
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"),
                    help="`hf DIR` or `gguf FILE.gguf` (replaced atomically)")
-    p.add_argument("--quant", default=None, help="GGUF matrix type: f16 (default), q8_0, q4_1 or f32")
+    p.add_argument("--quant", default=None, help="GGUF matrix type: f16 (default), bf16, q8_0, q4_1 or f32")
     p.set_defaults(func=cmd_export)
     return parser
 

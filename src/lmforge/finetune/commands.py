@@ -1,4 +1,4 @@
-"""The fine-tuning commands: `lmforge finetune sft`, `finetune dpo`, `finetune reward`, and
+"""The fine-tuning commands: `lmforge finetune sft`, `finetune seq2seq`, `finetune dpo`, `finetune reward`, and
 `finetune gsm8k-tools` (GSM8K's calculator annotations as tool-call training data)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from ..errors import LMForgeError
 
 
 def add_parsers(fsub: Any) -> None:
-    """Add sft, dpo, reward and gsm8k-tools to the `lmforge finetune` subcommand parser."""
+    """Add sft, seq2seq, dpo, reward and gsm8k-tools to the `lmforge finetune` subcommand parser."""
     f = fsub.add_parser("sft", help="instruction tuning on Alpaca, chat (messages) or ShareGPT data")
     _common(f, "instruction data: .json/.jsonl (optionally .gz) in alpaca, chatml or sharegpt format")
     f.add_argument("--format", default="auto", choices=("auto", "alpaca", "chatml", "sharegpt"),
@@ -27,6 +27,18 @@ def add_parsers(fsub: Any) -> None:
     f = fsub.add_parser("reward", help="train a reward model (base + scalar head) on preference pairs")
     _common(f, "preference data, as for `finetune dpo`")
     f.set_defaults(func=cmd_reward)
+
+    f = fsub.add_parser("seq2seq", help="source -> target training of an encoder-decoder (T5, BART): translation, "
+                                        "summarization")
+    _common(f, "pairs: TSV (source<TAB>target), JSONL with --source-field/--target-field, or the sources with "
+               "--target-data")
+    f.add_argument("--target-data", default=None, metavar="FILE", help="the targets, line-aligned with --data")
+    f.add_argument("--source-field", default="source", help="JSONL field of the source (default source)")
+    f.add_argument("--target-field", default="target", help="JSONL field of the target (default target)")
+    f.add_argument("--source-prefix", default="", metavar="TEXT",
+                   help="written before every source, T5-style (e.g. 'translate English to German: ')")
+    f.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default 0)")
+    f.set_defaults(func=cmd_seq2seq)
 
     f = fsub.add_parser("gsm8k-tools", help="convert GSM8K's calculator annotations (<<48/2=24>>) into "
                                             "tool-call conversations for `finetune sft`")
@@ -50,6 +62,8 @@ def _common(f: argparse.ArgumentParser, data_help: str) -> None:
                    help="comma-separated layer-name suffixes (default qkv,o,gate_up,down)")
     f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     f.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    f.add_argument("--max-seconds", type=float, default=0.0, metavar="SECONDS",
+                   help="stop after this much wall time, the schedule fitted to it (default 0: no limit)")
     f.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default 4)")
     f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     f.add_argument("--lr", type=float, default=None,
@@ -70,13 +84,21 @@ def _common(f: argparse.ArgumentParser, data_help: str) -> None:
 
 
 def _config(args: argparse.Namespace, cls: Any) -> Any:
+    import dataclasses
+
+    from .sft import FinetuneConfig
+
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None
     if args.lora_targets is not None and not targets:
         raise LMForgeError("--lora-targets is empty")
-    own = {"beta": args.beta} if hasattr(args, "beta") else {}  # the settings of one kind of run
+    # The settings of one kind of run (DPO's beta, seq2seq's fields), from its own flags.
+    base = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    own = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls.config_type)
+           if f.name not in base and hasattr(args, f.name)}
     return cls.config_type(
         method=args.method, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=targets, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        lora_targets=targets, epochs=args.epochs, max_steps=args.max_steps, max_seconds=args.max_seconds,
+        batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup_fraction=args.warmup, weight_decay=args.weight_decay,
         max_length=args.max_length, overlong=args.overlong, format=getattr(args, "format", "auto"),
         val_fraction=args.val_fraction, eval_every=args.eval_every, save_every=args.save_every,
@@ -90,7 +112,8 @@ def _run(cls: Any, args: argparse.Namespace) -> int:
     run = cls(args.model, args.data, args.out, _config(args, cls), resume=args.resume, log=log,
               progress=sys.stderr.isatty())
     log(f"{run.kind}: {len(run.train_set)} training and {len(run.val_set)} validation examples, "
-        f"{run.total_steps} steps at lr {run.lr:g} ({run.cfg.method})")
+        + (f"up to {run.total_steps} steps in {run.cfg.max_seconds:g} s" if run.cfg.max_seconds else
+           f"{run.total_steps} steps") + f" at lr {run.lr:g} ({run.cfg.method})")
     try:
         run.fit()
     finally:
@@ -108,6 +131,12 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from .sft import FinetuneRun
 
     return _run(FinetuneRun, args)
+
+
+def cmd_seq2seq(args: argparse.Namespace) -> int:
+    from .seq2seq import Seq2SeqRun
+
+    return _run(Seq2SeqRun, args)
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:

@@ -28,8 +28,9 @@ from torch import nn
 
 from ..errors import LMForgeError
 from ..model import Transformer
+from ..train.batching import sorted_batches
 from ..train.loop import autocast
-from .data import IGNORE, Messages, PairExample, build_pairs, encode_conversation, sorted_batches, split_val
+from .data import IGNORE, Messages, PairExample, build_pairs, encode_conversation, split_val
 from .sft import FinetuneConfig, FinetuneRun, pad_rows
 
 REWARD_CONFIG = "reward.json"

@@ -206,7 +206,7 @@ def _peft_layout(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
     for name, m in model.named_modules():
         if (_wrappable(m) or isinstance(m, LoraLinear)) and name not in inner:
             out[name] = [(name, 0, m.out_features)]
-    if cfg is None or cfg.family not in ("llama", "qwen2", "gpt2"):
+    if cfg is None or cfg.family not in ("llama", "qwen2", "gpt2", "t5", "bart"):
         return out
     prefix = base_prefix(cfg)
     for entry in hf_names(cfg):
@@ -256,8 +256,9 @@ def adapter_config(model: nn.Module, base_model: str) -> dict[str, Any]:
                 alpha_pattern[peft] = m.scale * m.r
     model_cfg = getattr(model, "cfg", None)
     causal = model_cfg is None or (model_cfg.causal and model_cfg.head == "lm")
+    task = "SEQ_2_SEQ_LM" if model_cfg is not None and model_cfg.decoder_layers else "CAUSAL_LM" if causal else None
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else None, "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": _peft_targets(layout, {p for n, _ in layers for p, _, _ in layout[n]}),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",

@@ -35,15 +35,14 @@ from ..device import parse_device
 from ..errors import LMForgeError
 from ..formats import load_checkpoint
 from ..fsutil import atomic_dir, read_json
+from ..train.batching import ExampleStream, sorted_batches
 from ..train.distributed import barrier, setup_distributed
 from ..train.loop import OptimConfig, TrainLoop, autocast, make_optimizer, use_bf16
 from .data import (
     IGNORE,
     Example,
-    ExampleStream,
     build_sft_examples,
     load_conversations,
-    sorted_batches,
     split_val,
 )
 
@@ -62,6 +61,7 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] | None = None  # None: the LoRA default (attention and MLP projections)
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
+    max_seconds: float = 0.0  # a wall-clock budget (0: none): stop when spent, the schedule fitted to it
     batch_size: int = 4
     grad_accum: int = 1
     lr: float | None = None  # None: the command's default for the method
@@ -92,6 +92,8 @@ class FinetuneConfig:
             raise LMForgeError(f"max_steps must be a positive integer, got {self.max_steps}")
         if self.epochs <= 0:
             raise LMForgeError(f"epochs must be positive, got {self.epochs}")
+        if self.max_seconds < 0:
+            raise LMForgeError(f"max_seconds must not be negative, got {self.max_seconds}")
         if self.lr is not None and self.lr <= 0:
             raise LMForgeError(f"lr must be positive, got {self.lr}")
         if self.max_length is not None and self.max_length < 2:
@@ -113,7 +115,8 @@ class FinetuneConfig:
         return OptimConfig(lr=lr, max_iters=steps, min_lr=lr * self.min_lr_fraction,
                            warmup_iters=int(self.warmup_fraction * steps), weight_decay=self.weight_decay,
                            betas=(0.9, 0.999), grad_clip=self.grad_clip, grad_accum=self.grad_accum,
-                           eval_every=self.eval_every, save_every=self.save_every, keep_last=self.keep_last)
+                           eval_every=self.eval_every, save_every=self.save_every, keep_last=self.keep_last,
+                           max_seconds=self.max_seconds)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int, device: torch.device) -> torch.Tensor:
@@ -211,8 +214,7 @@ class FinetuneRun(TrainLoop):
             ck = load_checkpoint(path, device=self.device, dtype=torch.float32, packed=False)
         if ck.tokenizer is None:
             raise LMForgeError(f"{path}: the model has no tokenizer")
-        if not ck.config.causal or ck.config.head != "lm":
-            raise LMForgeError(f"{path}: fine-tuning needs a causal language model (this one is an encoder)")
+        self.check_model(path, ck.config)
         self.model, self.tokenizer = ck.model, ck.tokenizer
         self.bf16 = use_bf16(cfg.precision, self.device, ck.config.dim)
         self.pad = _pad_id(self.tokenizer)
@@ -242,6 +244,14 @@ class FinetuneRun(TrainLoop):
         self.start(resume)
 
     # -- hooks ---------------------------------------------------------------------------------------------
+    def check_model(self, path: Path, cfg: Any) -> None:
+        """Refuse a model this kind of run cannot train."""
+        if cfg.decoder_layers:
+            raise LMForgeError(f"{path}: a {cfg.family} model is an encoder-decoder: fine-tune it with "
+                               "`lmforge finetune seq2seq`")
+        if not cfg.causal or cfg.head != "lm":
+            raise LMForgeError(f"{path}: fine-tuning needs a causal language model (this one is an encoder)")
+
     def prepare_data(self, data: str | Path) -> None:
         convs = load_conversations(data, self.cfg.format)
         examples, self.stats = build_sft_examples(self.tokenizer, convs, self.max_length, self.cfg.overlong)

@@ -136,6 +136,7 @@ def _t5_config(cfg: ModelConfig) -> dict[str, Any]:
         "is_encoder_decoder": True, "n_positions": cfg.context_length,
         "pad_token_id": extra.get("pad_token_id", 0), "eos_token_id": extra.get("eos_token_id", 1),
         "decoder_start_token_id": extra.get("decoder_start_token_id", 0), "torch_dtype": "float32",
+        **({"task_specific_params": extra["task_specific_params"]} if "task_specific_params" in extra else {}),
     }
 
 
@@ -214,7 +215,7 @@ def export_model(source: Any, to: str, out: str | Path, quant: str | None = None
     HF directories), or an already loaded `lmforge.LM` / `Checkpoint`. Everything is checked before
     anything is written, and the output replaces any old one atomically.
     """
-    from .gguf_write import check_quant, write_gguf
+    from .gguf_write import check_quant, gguf_arch, write_gguf
 
     fmt = to.lower()
     if fmt not in EXPORT_FORMATS:
@@ -231,6 +232,7 @@ def export_model(source: Any, to: str, out: str | Path, quant: str | None = None
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         n = sum(1 for _ in hf_tensors(ck.model))
         return ExportResult(path, "hf", size, n, {"F32": n})
+    gguf_arch(ck.config)  # a model with no GGUF architecture is refused before anything else
     if ck.tokenizer is None:
         raise LMForgeError(f"{ck.path}: the model has no tokenizer (tokenizer.json), and a GGUF file must carry one")
     pre, name = None, ck.path.name

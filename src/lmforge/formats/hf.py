@@ -247,7 +247,10 @@ def _t5_config(hf: dict[str, Any], names: set[str] | None) -> ModelConfig:
         context_length=_get(hf, "n_positions", "size", 512),
         extra={"hf_model_type": "t5", "pad_token_id": _get(hf, "pad_token_id", "count", 0),
                "eos_token_id": _get(hf, "eos_token_id", "count", 1),
-               "decoder_start_token_id": _get(hf, "decoder_start_token_id", "count", 0)},
+               "decoder_start_token_id": _get(hf, "decoder_start_token_id", "count", 0),
+               # the tasks the model was trained for, with their prefixes (`lmforge translate` reads them)
+               **({"task_specific_params": hf["task_specific_params"]}
+                  if isinstance(hf.get("task_specific_params"), dict) else {})},
     )
 
 

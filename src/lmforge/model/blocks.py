@@ -235,13 +235,18 @@ class Block(nn.Module):
         self.attn = (UnscaledAttention if cfg.position == "relative" else Attention)(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.dropout = cfg.dropout
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual dropout (training only; a no-op unless the config sets dropout)."""
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
     def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), **attn_kwargs)
-            return x + self.mlp(self.mlp_norm(x))
-        x = self.attn_norm(x + self.attn(x, **attn_kwargs))
-        return self.mlp_norm(x + self.mlp(x))
+            x = x + self.drop(self.attn(self.attn_norm(x), **attn_kwargs))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, **attn_kwargs)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
 class DecoderBlock(Block):
@@ -256,9 +261,9 @@ class DecoderBlock(Block):
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, mask: torch.Tensor,  # type: ignore[override]
                 cross_mask: torch.Tensor | None, cache: CrossKVStore | None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), rope=None, mask=mask, is_causal=False, cache=cache)
-            x = x + self.cross(self.cross_norm(x), memory, cross_mask, cache)
-            return x + self.mlp(self.mlp_norm(x))
-        x = self.attn_norm(x + self.attn(x, rope=None, mask=mask, is_causal=False, cache=cache))
-        x = self.cross_norm(x + self.cross(x, memory, cross_mask, cache))
-        return self.mlp_norm(x + self.mlp(x))
+            x = x + self.drop(self.attn(self.attn_norm(x), rope=None, mask=mask, is_causal=False, cache=cache))
+            x = x + self.drop(self.cross(self.cross_norm(x), memory, cross_mask, cache))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, rope=None, mask=mask, is_causal=False, cache=cache)))
+        x = self.cross_norm(x + self.drop(self.cross(x, memory, cross_mask, cache)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))

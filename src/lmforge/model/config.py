@@ -63,6 +63,9 @@ class ModelConfig:
     output_scale: bool = False  # T5 with tied embeddings: final decoder states times dim**-0.5 before the head
     embed_scale: bool = False  # BART's scale_embedding: token embeddings times sqrt(dim)
     logits_bias: bool = False  # BART's final_logits_bias: a fixed vector added to the logits
+    # Training only: dropout on each block's attention, cross-attention and MLP outputs, and (encoder-
+    # decoders) on the embeddings; evaluation and generation never drop.
+    dropout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific values carried for export
 
     def __post_init__(self) -> None:
@@ -83,7 +86,7 @@ class ModelConfig:
                 ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
                 if value is None and f.name in ("n_kv_heads", "head_dim"):
                     ok = True
-            elif f.name in ("norm_eps", "rope_theta"):
+            elif f.name in ("norm_eps", "rope_theta", "dropout"):
                 ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
             elif f.type == "bool":
                 ok, want = isinstance(value, bool), "true or false"
@@ -121,6 +124,8 @@ class ModelConfig:
             raise LMForgeError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.norm_eps <= 0:
             raise LMForgeError(f"norm_eps must be positive, got {self.norm_eps}")
+        if not 0 <= self.dropout < 1:
+            raise LMForgeError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
             raise LMForgeError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.type_vocab_size < 0:

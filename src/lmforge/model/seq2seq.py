@@ -113,11 +113,34 @@ class EncoderDecoder(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(ids)
-        return x * math.sqrt(self.cfg.dim) if self.cfg.embed_scale else x
+        x = x * math.sqrt(self.cfg.dim) if self.cfg.embed_scale else x
+        return F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """A fresh model's weights, as T5 initialises them: each matrix with std fan_in**-0.5 (queries
+        (dim * head_dim)**-0.5, since T5's attention is unscaled), embeddings with std 1 (std dim**-0.5
+        when scaled by sqrt(dim) or used as an unscaled tied output), norms 1, biases 0."""
+        cfg = self.cfg
+        emb_std = cfg.dim ** -0.5 if cfg.embed_scale or (cfg.tie_embeddings and not cfg.output_scale) else 1.0
+        for name, p in self.named_parameters():
+            if p.dim() == 1 or name.endswith("logits_bias"):
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name == "tok_emb.weight":
+                nn.init.normal_(p, 0.0, emb_std)
+            elif name.endswith(("pos_bias.weight", "pos_emb.weight")):
+                nn.init.normal_(p, 0.0, cfg.dim ** -0.5)
+            else:
+                nn.init.normal_(p, 0.0, p.shape[1] ** -0.5)
+        if cfg.position == "relative":  # the query rows of every attention: T5 folds 1/sqrt(head_dim) in
+            for m in self.modules():
+                q = m.qkv.weight[: cfg.q_dim] if hasattr(m, "qkv") else m.q.weight if hasattr(m, "q") else None
+                if q is not None:
+                    nn.init.normal_(q, 0.0, (cfg.dim * cfg.head_dim) ** -0.5)
 
     def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """src_ids [b, S] -> the memory [b, S, dim]; ``src_mask`` [b, S] marks real tokens (1) of padded rows."""

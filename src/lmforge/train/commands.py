@@ -54,8 +54,13 @@ def add_parsers(sub: Any) -> None:
                    help="override a setting, e.g. --set max_iters=500 --set model.n_layers=2 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--objective", choices=("clm", "mlm"), default=None,
-                   help="clm: next-token prediction (default); mlm: masked tokens, for encoders (bert-mini-mlm)")
+    p.add_argument("--objective", choices=("clm", "mlm", "seq2seq", "span-corruption"), default=None,
+                   help="clm: next-token prediction (default); mlm: masked tokens, for encoders (bert-mini-mlm); "
+                        "seq2seq: source -> target pairs, span-corruption: T5's denoising, for encoder-decoders "
+                        "(t5-multi30k, t5-span)")
+    p.add_argument("--target-data", default=None, metavar="FILE",
+                   help="seq2seq: the targets, line-aligned with the sources in --data (else --data holds "
+                        "pairs: TSV, or JSONL with source_field/target_field)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     p.set_defaults(func=cmd_train)
@@ -155,7 +160,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .distributed import barrier, setup_distributed
-    from .loop import latest_checkpoint
     from .presets import PRESETS
     from .pretrain import TrainConfig, Trainer
 
@@ -182,7 +186,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             recipe.setdefault("model", {})[key.removeprefix("model.")] = parsed
         else:
             recipe[key] = parsed
+    if args.objective:
+        recipe["objective"] = args.objective
+    if args.target_data:
+        recipe["target_data"] = args.target_data
     out = Path(args.out)
+    if recipe.get("objective") == "seq2seq":
+        return _train_seq2seq(args, recipe, fields, out)
     # Under torchrun, rank 0 alone fetches and tokenizes a raw corpus while the others wait for it.
     dist_info, _ = setup_distributed(args.device)
     data_dir = Path(args.data) if args.data and (Path(args.data) / "metadata.json").exists() else None
@@ -199,23 +209,80 @@ def cmd_train(args: argparse.Namespace) -> int:
                 _prepare_corpus(corpus, recipe, out)
             barrier()
         data_dir = out / "data"
-    recipe_only = ("tokenizer", "vocab_size", "val_fraction", "default_data")
-    unknown = sorted(k for k in recipe if k not in fields and k not in recipe_only)
-    if unknown:
-        raise LMForgeError(f"unknown training settings: {', '.join(unknown)}")
-    settings = {k: (tuple(v) if k == "betas" else v) for k, v in recipe.items() if k in fields}
+    settings = _settings(recipe, fields)
     if args.fsdp:
         settings["fsdp"] = True
-    if args.objective:
-        settings["objective"] = args.objective
     cfg = TrainConfig(**(settings | {"data": str(data_dir), "out": str(out), "device": args.device}))
-    trainer = Trainer(cfg, resume=args.resume, log=lambda s: tqdm.write(s, file=sys.stderr))
+    log = lambda s: tqdm.write(s, file=sys.stderr)  # noqa: E731
+    if cfg.objective == "span-corruption":
+        from ..tokenizer import Tokenizer
+        from .seq2seq import Seq2SeqTrainer
+
+        # The tokenizer trained for this run names its special tokens; a prepared directory has its vocabulary.
+        tok_dir = out / "tokenizer" if (out / "tokenizer" / "tokenizer.json").exists() else data_dir
+        trainer: Any = Seq2SeqTrainer(cfg, Tokenizer.from_dir(tok_dir), resume=args.resume, log=log)
+    else:
+        trainer = Trainer(cfg, resume=args.resume, log=log)
+    return _fit(trainer, cfg, out)
+
+
+RECIPE_ONLY = ("tokenizer", "vocab_size", "sentinels", "default_data")
+
+
+def _settings(recipe: dict[str, Any], fields: set[str]) -> dict[str, Any]:
+    unknown = sorted(k for k in recipe if k not in fields and k not in RECIPE_ONLY)
+    if unknown:
+        raise LMForgeError(f"unknown training settings: {', '.join(unknown)}")
+    return {k: (tuple(v) if k == "betas" else v) for k, v in recipe.items() if k in fields}
+
+
+def _train_seq2seq(args: argparse.Namespace, recipe: dict[str, Any], fields: set[str], out: Any) -> int:
+    """A fresh encoder-decoder on source -> target pairs, with a Unigram tokenizer trained on both sides
+    (kept in OUT/tokenizer, so a resumed run reads the same one)."""
+    import tempfile
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ..tokenizer import Tokenizer
+    from .pretrain import TrainConfig
+    from .seq2seq import Seq2SeqTrainer, read_pairs
+    from .tokenizer import train_unigram
+
+    if not args.data:
+        raise LMForgeError("--data is required: source -> target pairs (with --target-data for two files)")
+    settings = _settings(recipe, fields)
+    cfg = TrainConfig(**(settings | {"data": args.data, "out": str(out), "device": args.device}))
+    tok_dir = out / "tokenizer"
+    if not (args.resume and (tok_dir / "tokenizer.json").exists()):
+        pairs = read_pairs(args.data, cfg.target_data, cfg.source_field, cfg.target_field)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out) as tmp:  # both sides, one text a line, and the prefix
+            texts = Path(tmp) / "texts.txt"
+            texts.write_text("\n".join(t.replace("\n", " ") for p in pairs for t in p) + "\n" + cfg.source_prefix
+                             + "\n", encoding="utf-8")
+            train_unigram([texts], int(recipe.get("vocab_size", 8000)), tok_dir,
+                          sentinels=int(recipe.get("sentinels", 0)), progress=sys.stderr.isatty())
+    trainer = Seq2SeqTrainer(cfg, Tokenizer.from_dir(tok_dir), resume=args.resume,
+                             log=lambda s: tqdm.write(s, file=sys.stderr))
+    return _fit(trainer, cfg, out)
+
+
+def _fit(trainer: Any, cfg: Any, out: Any) -> int:
+    from .loop import latest_checkpoint
+
     try:
         n = sum(p.numel() for p in trainer.model.parameters())
         world = trainer.dist.world
         mode = f" on {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""
-        trainer.log(f"training {n / 1e6:.2f}M parameters on {trainer.meta['train']['tokens']:,} tokens{mode}, "
-                    f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * world:,} tokens per step -> {out}")
+        budget = f", for {cfg.max_seconds / 60:g} minutes" if cfg.max_seconds else ""
+        if "pairs" in trainer.meta:
+            data = f"{trainer.meta['pairs']:,} pairs ({trainer.meta['val_pairs']:,} held out){mode}"
+            step = f"{cfg.batch_size * cfg.grad_accum * world:,} pairs per step"
+        else:
+            data = f"{trainer.meta['train']['tokens']:,} tokens{mode}"
+            step = f"{cfg.batch_size * cfg.block_size * cfg.grad_accum * world:,} tokens per step"
+        trainer.log(f"training {n / 1e6:.2f}M parameters on {data}, {step}{budget} -> {out}")
         trainer.fit()
         final = trainer.last_eval or trainer.evaluate()  # fit evaluates at its last step
         if trainer.dist.main:
@@ -237,10 +304,13 @@ def _prepare_corpus(corpus: str, recipe: dict[str, Any], out: Any) -> Any:
     """Train the recipe's tokenizer on a raw corpus and tokenize it into OUT/data."""
     from ..tokenizer import Tokenizer
     from .data import prepare
-    from .tokenizer import train_bpe, train_char
+    from .tokenizer import train_bpe, train_char, train_unigram
 
     if recipe.get("tokenizer", "bpe") == "char":
         tok_dir = train_char([corpus], out / "tokenizer")
+    elif recipe.get("tokenizer") == "unigram":
+        tok_dir = train_unigram([corpus], int(recipe.get("vocab_size", 8000)), out / "tokenizer",
+                                sentinels=int(recipe.get("sentinels", 0)), progress=sys.stderr.isatty())
     else:
         tok_dir = train_bpe([corpus], int(recipe.get("vocab_size", 8192)), out / "tokenizer",
                             progress=sys.stderr.isatty())

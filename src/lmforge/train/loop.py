@@ -15,6 +15,7 @@ per step, which also tells every rank whether any was signalled, so all stop aft
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -56,6 +57,9 @@ class OptimConfig:
     eval_every: int = 0  # 0: only at the last step
     save_every: int = 0  # 0: only at the last step
     keep_last: int = 2  # checkpoints kept
+    # A wall-clock budget in seconds (0: none): the run stops when it is spent, and the schedule decays
+    # over the steps the run is on course to take in it; max_iters is then only an upper bound.
+    max_seconds: float = 0.0
 
 
 class Schedule(Protocol):
@@ -80,6 +84,15 @@ def learning_rate(cfg: Schedule, it: int) -> float:
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - frac)
     frac = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+def timed_schedule(cfg: OptimConfig, step: int, seconds: float) -> OptimConfig:
+    """The schedule of a run with a time budget: max_iters becomes the number of steps the run will have
+    taken when the budget is spent, at its pace so far."""
+    if not cfg.max_seconds or step == 0 or seconds <= 0:
+        return cfg
+    expected = int(step * cfg.max_seconds / seconds)
+    return dataclasses.replace(cfg, max_iters=max(step + 1, min(cfg.max_iters, expected)))
 
 
 def make_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device, sharded: bool = False
@@ -229,6 +242,7 @@ class TrainLoop:
         """Clear a killed run's leftovers from the run directory, then continue from its checkpoint."""
         self.metrics = self.out / METRICS if self.out is not None else None
         self.last_eval: dict[str, float] = {}  # the latest evaluation fit ran
+        self.seconds = 0.0  # wall time spent in fit, over every resumed part of the run
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if self.dist.main and self.out is not None:
             clean_run_dir(self.out, self.log)
@@ -308,6 +322,7 @@ class TrainLoop:
         path = self.out / f"step_{self.step:07d}"
         if self.dist.main:
             state = {"step": self.step, "optimizer": optim, "torch_rng": torch.get_rng_state(),
+                     "train_seconds": self.seconds,
                      **self.data.state_dict(), **self.run_state()}
             if self.device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -330,6 +345,7 @@ class TrainLoop:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.data.load_state_dict(state)
         self.step = int(state["step"])
+        self.seconds = float(state.get("train_seconds", 0.0))
         if self.dist.main and self.metrics is not None:
             truncate_metrics(self.metrics, self.step)
         self.log(f"resumed from {path} at step {self.step}")
@@ -345,7 +361,8 @@ class TrainLoop:
             self.out.mkdir(parents=True, exist_ok=True)
         losses: list[float] = []
         stop: list[int] = []
-        bar = tqdm(total=self.optim.max_iters, initial=self.step, desc=self.desc, unit="step", leave=False,
+        total = None if self.optim.max_seconds else self.optim.max_iters  # a time budget: steps unknown
+        bar = tqdm(total=total, initial=self.step, desc=self.desc, unit="step", leave=False,
                    disable=None if self.progress else True, file=sys.stderr)
         try:
             with on_signals(lambda signum, frame: stop.append(signum)):
@@ -376,9 +393,10 @@ class TrainLoop:
         cfg = self.optim
         wrapped = self.train_model is not self.module or hasattr(self.module, "set_requires_gradient_sync")
         self.module.train()
-        t0 = time.time()
+        t0 = started = time.time()
+        spent = self.seconds
         while self.step < min(cfg.max_iters, until or cfg.max_iters):
-            lr = learning_rate(cfg, self.step)
+            lr = learning_rate(timed_schedule(cfg, self.step, self.seconds), self.step)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             total = torch.zeros((), device=self.device)
@@ -398,17 +416,21 @@ class TrainLoop:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
-            # One collective per step: the logged values averaged over ranks, and whether any was signalled.
+            # One collective per step: the logged values and the wall time averaged over ranks (so all
+            # agree on when a time budget is spent), and whether any was signalled.
             keys = sorted(stats)
             logged = mean_over_ranks(torch.cat([
                 total.reshape(1).double(),
-                torch.tensor([*(stats[k] for k in keys), float(bool(stop))], dtype=torch.float64,
-                             device=self.device)]))
+                torch.tensor([*(stats[k] for k in keys), spent + time.time() - started, float(bool(stop))],
+                             dtype=torch.float64, device=self.device)]))
             loss_value, interrupted = float(logged[0]), bool(logged[-1] > 0)
             losses.append(loss_value)
+            self.seconds = float(logged[-2])
+            if cfg.max_seconds and self.seconds >= cfg.max_seconds:
+                cfg.max_iters = self.step  # the budget is spent: this is the last step
             record: dict[str, Any] = {"step": self.step, "loss": loss_value, "lr": lr,
-                                      **{k: float(v) for k, v in zip(keys, logged[1:-1])},
-                                      **self.step_metrics(time.time() - t0)}
+                                      **{k: float(v) for k, v in zip(keys, logged[1:-2])},
+                                      **self.step_metrics(time.time() - t0), "elapsed_s": round(self.seconds, 2)}
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_iters:
                 self.last_eval = self.evaluate()
                 record |= self.last_eval

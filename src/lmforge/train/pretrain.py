@@ -42,6 +42,8 @@ from .data import load_split
 from .distributed import DistInfo, mean_over_ranks, parallelize, setup_distributed
 from .loop import OptimConfig, TrainLoop, autocast, make_optimizer, use_bf16
 
+OBJECTIVES = ("clm", "mlm", "seq2seq", "span-corruption")
+
 
 @dataclass
 class TrainConfig:
@@ -71,9 +73,21 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     samples: int = 2  # sample generations logged at each evaluation (0: none)
     sample_tokens: int = 64
-    objective: str = "clm"  # "clm": next-token prediction; "mlm": BERT-style masked tokens (encoders)
+    # "clm": next-token prediction; "mlm": BERT-style masked tokens (encoders); encoder-decoders
+    # (train/seq2seq.py): "seq2seq" (source -> target pairs), "span-corruption" (T5's denoising)
+    objective: str = "clm"
     mask_prob: float = 0.15  # mlm: fraction of tokens to predict (80% masked, 10% random, 10% kept)
     whole_word_mask: bool = False  # mlm: mask every piece of a chosen word together
+    noise_density: float = 0.15  # span-corruption: fraction of each window's tokens dropped
+    mean_noise_span: float = 3.0  # span-corruption: mean length of a dropped span
+    label_smoothing: float = 0.0  # encoder-decoders: cross-entropy label smoothing
+    val_fraction: float = 0.1  # of a raw corpus's documents, or of seq2seq's pairs (the first ones)
+    target_data: str | None = None  # seq2seq: the target file, line-aligned with `data` (else pairs in `data`)
+    source_field: str = "source"  # seq2seq: JSONL fields of a pair
+    target_field: str = "target"
+    source_prefix: str = ""  # seq2seq: written before every source, e.g. "translate English to German: "
+    max_target_length: int = 0  # seq2seq: target tokens kept (0: block_size, which bounds the source)
+    max_seconds: float = 0.0  # a wall-clock budget: stop when spent, the schedule fitted to it (0: none)
 
     def validate(self) -> None:
         for name in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_iters", "keep_last"):
@@ -85,8 +99,14 @@ class TrainConfig:
             raise LMForgeError(f"lr must be positive, got {self.lr}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LMForgeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.objective not in ("clm", "mlm"):
-            raise LMForgeError(f"objective must be clm or mlm, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise LMForgeError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not 0 < self.noise_density < 1 or self.mean_noise_span < 1:
+            raise LMForgeError(f"noise_density must be between 0 and 1 and mean_noise_span at least 1, got "
+                               f"{self.noise_density} and {self.mean_noise_span}")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.val_fraction < 1 or self.max_seconds < 0:
+            raise LMForgeError("label_smoothing and val_fraction must be in [0, 1) and max_seconds not negative, "
+                               f"got {self.label_smoothing}, {self.val_fraction} and {self.max_seconds}")
         if not 0 < self.mask_prob < 1:
             raise LMForgeError(f"mask_prob must be between 0 and 1, got {self.mask_prob}")
         for name in ("samples", "sample_tokens", "warmup_iters"):
@@ -97,7 +117,7 @@ class TrainConfig:
         return OptimConfig(lr=self.lr, max_iters=self.max_iters, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
                            schedule=self.schedule, weight_decay=self.weight_decay, betas=self.betas,
                            grad_clip=self.grad_clip, grad_accum=self.grad_accum, eval_every=self.eval_interval,
-                           save_every=self.save_interval, keep_last=self.keep_last)
+                           save_every=self.save_interval, keep_last=self.keep_last, max_seconds=self.max_seconds)
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
