@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from ..errors import LMForgeError
-from ..train.seq2seq import IdPair, Seq2SeqLoss, declare_task, encode_pairs, pair_length, read_pairs
+from ..train.seq2seq import (
+    IdPair,
+    Seq2SeqLoss,
+    cut_keeping_end,
+    declare_task,
+    encode_pairs,
+    pair_length,
+    read_pairs,
+)
 from .data import split_val
 from .sft import FinetuneConfig, FinetuneRun
 
@@ -63,9 +71,10 @@ class Seq2SeqRun(FinetuneRun):
     def prepare_data(self, data: str | Path) -> None:
         cfg = self.cfg
         pairs = read_pairs(data, cfg.target_data, cfg.source_field, cfg.target_field)
-        full = encode_pairs(self.tokenizer, pairs, cfg.source_prefix)
-        rows = encode_pairs(self.tokenizer, pairs, cfg.source_prefix, self.max_length, self.max_length)
-        cut = [a != b for a, b in zip(full, rows)]
+        full = encode_pairs(self.tokenizer, pairs, cfg.source_prefix)  # tokenized once, then cut
+        n = self.max_length
+        cut = [len(s) > n or len(t) > n for s, t in full]
+        rows = [(cut_keeping_end(s, n), cut_keeping_end(t, n)) for s, t in full]
         if cfg.overlong == "skip":
             rows = [r for r, c in zip(rows, cut) if not c]
         self.stats = PairStats(len(rows), sum(cut) if cfg.overlong == "truncate" else 0)

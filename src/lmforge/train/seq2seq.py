@@ -135,14 +135,15 @@ def encode_pairs(tok: Tokenizer, pairs: Sequence[Pair], prefix: str = "", max_so
     longer sides are cut to max_source / max_target tokens, keeping the end token."""
     src = tok.encode_batch([prefix + s for s, _ in pairs])
     tgt = tok.encode_batch([t for _, t in pairs])
-    return [(_cut(s, max_source), _cut(t, max_target)) for s, t in zip(src, tgt)]
+    return [(cut_keeping_end(s, max_source), cut_keeping_end(t, max_target)) for s, t in zip(src, tgt)]
 
 
 def pair_length(pair: IdPair) -> int:
     return len(pair[0]) + len(pair[1])
 
 
-def _cut(ids: list[int], n: int) -> list[int]:
+def cut_keeping_end(ids: list[int], n: int) -> list[int]:
+    """The first n ids, the last of them the sequence's own end token (no cut when n is 0 or enough)."""
     return ids if not n or len(ids) <= n else ids[: n - 1] + ids[-1:]
 
 
