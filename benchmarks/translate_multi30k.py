@@ -3,7 +3,8 @@ SmolLM2-135M-Instruct tuned with LoRA, each for the same wall time on this machi
 
     t5:      lmforge train --preset t5-multi30k --data multi30k/train.en.gz --target-data multi30k/train.de.gz
              (45 minutes: the preset's max_seconds), then `lmforge eval CHECKPOINT --tasks multi30k_en_de`
-             on every checkpoint: BLEU and chrF against minutes of training.
+             on every checkpoint: BLEU and chrF against minutes of training; the last checkpoint also
+             with --num-beams (default 4).
     smollm2: the same pairs as chat examples whose user turn is the eval task's own prompt
              ("English: ...\\nGerman:"), `lmforge finetune sft --method lora --max-seconds` for the same
              time, merged, then `lmforge eval --chat --shots 0`; and the untuned model (0-shot chat and
@@ -12,7 +13,7 @@ SmolLM2-135M-Instruct tuned with LoRA, each for the same wall time on this machi
 Data: multi30k/ under $LMFORGE_DATA (train.{en,de}.gz; the validation split is what eval scores).
 Each run's directory and eval results go under --out; an existing run is evaluated, not retrained.
 
-    python benchmarks/translate_multi30k.py --part t5|smollm2|all [--minutes 45] [--every 1000] [--out DIR]
+    python benchmarks/translate_multi30k.py --part t5|smollm2|all [--minutes 45] [--every 1000] [--num-beams 4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def score(model: Path | str, out: Path, *extra: str) -> dict[str, float]:
     return {r["metric"]: r["value"] for r in rows}
 
 
-def part_t5(out: Path, minutes: float, every: int) -> dict[str, float]:
+def part_t5(out: Path, minutes: float, every: int, beams: int) -> dict[str, float]:
     run = out / "t5"
     data = data_dir()
     if not run.is_dir():
@@ -83,6 +84,12 @@ def part_t5(out: Path, minutes: float, every: int) -> dict[str, float]:
     samples = (out / "t5-eval" / ck.name / "samples_multi30k_en_de.jsonl").read_text().splitlines()
     for line in samples[:5]:
         print(f"  {json.dumps(json.loads(line), ensure_ascii=False)[:400]}")
+    if beams > 1:  # the last checkpoint again, beam-searched
+        t = time.perf_counter()
+        searched = score(ck, out / "t5-eval" / f"{ck.name}-beams{beams}", "--num-beams", str(beams))
+        print(f"{ck.name}, {beams} beams: BLEU {searched['bleu']:.2f}, chrF {searched['chrf']:.2f} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        last = searched
     return last
 
 
@@ -136,6 +143,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=45.0, help="training wall time of each model (default 45)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the decoder model to tune")
     ap.add_argument("--every", type=int, default=1000, help="score the T5 checkpoints every N steps, and the last")
+    ap.add_argument("--num-beams", type=int, default=4, help="also score the last T5 checkpoint with beam search "
+                                                            "of this many beams (1: greedy only; default 4)")
     ap.add_argument("--out", type=Path, default=Path("runs/translate-multi30k"))
     args = ap.parse_args()
     import torch  # noqa: F401  (so machine() reports torch's build and threads)
@@ -143,7 +152,7 @@ def main() -> None:
     print(machine(), f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part in ("t5", "all"):
-        part_t5(args.out, args.minutes, args.every)
+        part_t5(args.out, args.minutes, args.every, args.num_beams)
     if args.part in ("smollm2", "all"):
         part_smollm2(args.out, args.minutes, args.model)
 

@@ -18,7 +18,7 @@ from lmforge.cli import main
 from lmforge.errors import LMForgeError
 from lmforge.eval import get_task, load_items, load_run, load_spec
 from lmforge.eval.report import report_card
-from lmforge.eval.seq2seq import overlap_scores, prompts
+from lmforge.eval.seq2seq import cut_at_stop, overlap_scores, prompts
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MULTI30K = DATA / "multi30k"
@@ -220,3 +220,35 @@ def test_encoder_decoder_reads_the_prefix_and_source(tmp_path: Path, capsys: pyt
                  "--quiet", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "without exemplars" in err[0], err
+    # --num-beams: the same outputs as the model's own beam search, cut at the spec's stop strings; refused
+    # by name for a decoder model or a task that is not seq2seq.
+    capsys.readouterr()
+    assert main(["eval", str(path), "--tasks", "multi30k_en_de", "--data", str(MULTI30K), "--limit", "5",
+                 "--batch-size", "2", "--num-beams", "3", "--quiet", "--out", str(tmp_path / "beams"),
+                 "--device", "cpu"]) == 0
+    doc = _check_against_samples(tmp_path / "beams", "multi30k_en_de", ["bleu", "chrf"], 5)
+    assert doc["options"]["num_beams"] == 3
+    want = lm.generate(["translate English to German: " + it.source for it in items[:5]], temperature=0.0,
+                       max_tokens=spec.max_tokens, num_beams=3)
+    assert [x["prediction"] for x in doc["samples"]["multi30k_en_de"]] == [cut_at_stop(w, spec.stop).strip()
+                                                                          for w in want]
+    capsys.readouterr()
+    for argv, msg in ((["--tasks", "hellaswag"], "--num-beams applies to seq2seq tasks; hellaswag is a multiple"),
+                      (["--tasks", "multi30k_en_de", "--num-beams", "0"], "--num-beams must be positive")):
+        assert main(["eval", str(path), "--num-beams", "2", *argv, "--data", str(MULTI30K), "--quiet"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
+def test_beam_search_is_refused_for_a_decoder_model(tiny_lm, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert main(["eval", str(tiny_lm.path), "--tasks", "multi30k_en_de", "--data", str(MULTI30K), "--limit", "2",
+                 "--num-beams", "2", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--num-beams searches an encoder-decoder's outputs; llama is a decoder" in err[0], err
+
+
+def test_cut_at_stop() -> None:
+    assert cut_at_stop("Ein Hund.\nA dog.", ["\n"]) == "Ein Hund."
+    assert cut_at_stop("a|b;c", [";", "|"]) == "a"
+    assert cut_at_stop("nothing to cut", ["\n", ""]) == "nothing to cut"

@@ -169,17 +169,21 @@ def _cfg(tsv: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
-def test_trainer_learns_and_resumes_exactly(tsv: Path, tok_dir: Path, tmp_path: Path) -> None:
+# AdamW, and Adafactor (T5's optimizer: steps relative to each tensor's RMS, so a larger rate).
+@pytest.mark.parametrize("opt", [{}, {"optimizer": "adafactor", "lr": 1e-2, "min_lr": 1e-3}], ids=["adamw", "adafactor"])
+def test_trainer_learns_and_resumes_exactly(opt: dict, tsv: Path, tok_dir: Path, tmp_path: Path) -> None:
     tok = Tokenizer.from_dir(tok_dir)
-    straight = Seq2SeqTrainer(_cfg(tsv, tmp_path / "a"), tok, log=lambda s: None)
+    straight = Seq2SeqTrainer(_cfg(tsv, tmp_path / "a", **opt), tok, log=lambda s: None)
+    want = torch.optim.Adafactor if opt else torch.optim.AdamW
+    assert type(straight.opt) is want
     untrained = straight.evaluate()["val_loss"]
     straight.fit()
     evals = [r["val_loss"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
              if "val_loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0] < 0.8 * untrained and evals[-1] < 0.7 * untrained
-    part = Seq2SeqTrainer(_cfg(tsv, tmp_path / "b"), tok, log=lambda s: None)
+    part = Seq2SeqTrainer(_cfg(tsv, tmp_path / "b", **opt), tok, log=lambda s: None)
     part.fit(until=20)
-    resumed = Seq2SeqTrainer(_cfg(tsv, tmp_path / "b"), tok, resume=True, log=lambda s: None)
+    resumed = Seq2SeqTrainer(_cfg(tsv, tmp_path / "b", **opt), tok, resume=True, log=lambda s: None)
     assert resumed.step == 20
     resumed.fit()
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
@@ -187,6 +191,13 @@ def test_trainer_learns_and_resumes_exactly(tsv: Path, tok_dir: Path, tmp_path: 
     # The checkpoint is an HF T5 directory lmforge loads, with the run's tokenizer.
     ck = load_checkpoint(tmp_path / "a" / "step_0000060", device="cpu")
     assert isinstance(ck.model, EncoderDecoder) and ck.tokenizer.vocab_size == tok.vocab_size
+
+
+def test_an_unknown_optimizer_is_a_one_line_error(tsv: Path, tmp_path: Path) -> None:
+    with pytest.raises(LMForgeError, match="optimizer must be one of adamw, adafactor, got 'sgd'"):
+        _cfg(tsv, tmp_path, optimizer="sgd").validate()
+    with pytest.raises(LMForgeError, match="betas are AdamW's; optimizer adafactor has none"):
+        _cfg(tsv, tmp_path, optimizer="adafactor", betas=(0.9, 0.98)).validate()
 
 
 def test_a_time_budget_stops_the_run_and_fits_the_schedule(tsv: Path, tok_dir: Path, tmp_path: Path) -> None:

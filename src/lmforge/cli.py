@@ -264,56 +264,6 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import EvalOptions, compare, evaluate, get_task, load_run, report_card, write_run
-    from .eval.tasks import resolve_data
-
-    if args.model == "compare":  # `lmforge eval compare RUN_A RUN_B`
-        if len(args.runs) != 2:
-            raise LMForgeError("usage: lmforge eval compare RUN_A RUN_B")
-        _, text = compare(load_run(args.runs[0]), load_run(args.runs[1]))
-        print(text, end="")
-        return 0
-    if args.runs:
-        raise LMForgeError(f"unexpected argument(s): {' '.join(args.runs)}")
-    if not args.tasks:
-        raise LMForgeError("--tasks is required (e.g. --tasks hellaswag,arc_easy)")
-    specs = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
-    data: dict[str, str] = {}
-    for d in args.data:
-        name, sep, path = d.partition("=")
-        if sep and name in {s.name for s in specs}:
-            data[name] = path
-        elif len(specs) == 1:
-            data[specs[0].name] = d
-        else:
-            raise LMForgeError(f"with several tasks, --data takes TASK=PATH (got {d!r})")
-    for n in ("limit", "batch_size", "shots", "threads"):
-        v = getattr(args, n)
-        if v is not None and v < (0 if n == "shots" else 1):
-            raise LMForgeError(f"--{n.replace('_', '-')} must be {'>= 0' if n == 'shots' else 'positive'}, got {v}")
-    for spec in specs:  # fail on a missing data file before loading the model
-        resolve_data(spec, data.get(spec.name))
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    lm = _load(args)
-    opt = EvalOptions(limit=args.limit, shots=args.shots, batch_size=args.batch_size, chat=args.chat, seed=args.seed,
-                      progress=not args.quiet, window=args.window, stride=args.stride, resume=not args.fresh,
-                      strategy=args.strategy, tools=args.tools, tool_execution=args.tool_execution)
-    doc = evaluate(lm, specs, data, opt, model_name=args.model)
-    if args.out:
-        write_run(args.out, doc)
-    print(report_card(doc), end="")
-    for name, t in doc["tasks"].items():
-        again = f", {t['resumed']} of them from an interrupted run" if t.get("resumed") else ""
-        print(f"{name}: {t['n']} items in {t['seconds']:.1f}s ({t['items_per_s']} items/s{again})", file=sys.stderr)
-    if args.out:
-        print(f"wrote {args.out}/results.json and report.md", file=sys.stderr)
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .formats.export import export_model
 
@@ -442,30 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_parsers(sub)
     add_translate_parsers(sub, _add_model_opts, _add_sampling, _sampling, _load)
 
-    p = sub.add_parser("eval", help="benchmark a model (multiple choice, generative, perplexity); "
-                                    "`eval compare RUN_A RUN_B` diffs two runs")
-    p.add_argument("model", help="registry name, .gguf file or HF directory (or `compare`)")
-    p.add_argument("runs", nargs="*", help=argparse.SUPPRESS)
-    p.add_argument("--tasks", help="comma-separated built-in task names or .toml spec files")
-    p.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
-                   help="the task's data file (repeatable as TASK=PATH with several tasks)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
-    p.add_argument("--shots", type=int, default=None, help="few-shot exemplars per item (default: the task's)")
-    p.add_argument("--batch-size", type=int, default=16, help="items scored together (default 16)")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
-    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: context)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity: new tokens per window (default window/2)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, metavar="DIR", help="write results.json, report.md and samples here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--fresh", action="store_true",
-                   help="score every item again instead of resuming an interrupted run of the same evaluation")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.set_defaults(func=cmd_eval)
-    from .eval.commands import add_parsers as add_solve_parsers
+    from .eval.commands import add_parsers as add_eval_parsers
 
-    add_solve_parsers(sub, p, _add_model_opts, _load)  # `solve`, and eval's --strategy
+    add_eval_parsers(sub, _add_model_opts, _load)  # `eval` and `solve`
 
     p = sub.add_parser("export", help="write a model as an HF directory or a GGUF file (llama.cpp, Ollama)")
     p.add_argument("model", help="registry name, .gguf file or HF directory (e.g. a training checkpoint)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..engine.sampling import DEFAULT_TEMPERATURE
 from ..errors import LMForgeError
-from .runner import check_strategy
+from .runner import check_beams, check_strategy
 from .strategies import CHAIN_MAX_TOKENS, DIRECT_MAX_TOKENS, STRATEGIES, Strategy, solve
 from .tasks import get_task
 
@@ -56,10 +56,37 @@ def _tool_names(text: str | None) -> list[str]:
     return names
 
 
-def add_parsers(sub: Any, eval_parser: argparse.ArgumentParser, add_model_opts: Callable[..., None],
-                load: Callable[[argparse.Namespace], Any]) -> None:
-    """Add `solve` to the `lmforge` subcommands, and the strategy flags to `lmforge eval`, whose command then
-    receives ``args.strategy`` as a Strategy (or None), checked before any model loads."""
+def _add_eval_parser(sub: Any, load: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="benchmark a model (multiple choice, generative, perplexity); "
+                                    "`eval compare RUN_A RUN_B` diffs two runs")
+    p.add_argument("model", help="registry name, .gguf file or HF directory (or `compare`)")
+    p.add_argument("runs", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--tasks", help="comma-separated built-in task names or .toml spec files")
+    p.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
+                   help="the task's data file (repeatable as TASK=PATH with several tasks)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    p.add_argument("--shots", type=int, default=None, help="few-shot exemplars per item (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=16, help="items scored together (default 16)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
+    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: context)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: new tokens per window (default window/2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write results.json, report.md and samples here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--fresh", action="store_true",
+                   help="score every item again instead of resuming an interrupted run of the same evaluation")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="seq2seq tasks on an encoder-decoder: beam search with this many beams (default: greedy)")
+    p.set_defaults(func=lambda args: cmd_eval(args, load))
+    return p
+
+
+def add_parsers(sub: Any, add_model_opts: Callable[..., None], load: Callable[[argparse.Namespace], Any]) -> None:
+    """Add `eval` and `solve` to the `lmforge` subcommands; eval's command receives ``args.strategy`` as a
+    Strategy (or None), checked before any model loads."""
+    eval_parser = _add_eval_parser(sub, load)
     p = sub.add_parser("solve", help="answer a question with a reasoning strategy (direct, chain of thought, "
                                      "self-consistency, self-refine), optionally using tools")
     add_model_opts(p)
@@ -137,4 +164,57 @@ def cmd_solve(args: argparse.Namespace, load: Callable[[argparse.Namespace], Any
         print(sol.text.strip())
         return 0
     print(sol.answer)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) -> int:
+    from .report import compare, load_run, report_card, write_run
+    from .runner import EvalOptions, evaluate
+    from .tasks import resolve_data
+
+    if args.model == "compare":  # `lmforge eval compare RUN_A RUN_B`
+        if len(args.runs) != 2:
+            raise LMForgeError("usage: lmforge eval compare RUN_A RUN_B")
+        _, text = compare(load_run(args.runs[0]), load_run(args.runs[1]))
+        print(text, end="")
+        return 0
+    if args.runs:
+        raise LMForgeError(f"unexpected argument(s): {' '.join(args.runs)}")
+    if not args.tasks:
+        raise LMForgeError("--tasks is required (e.g. --tasks hellaswag,arc_easy)")
+    specs = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    data: dict[str, str] = {}
+    for d in args.data:
+        name, sep, path = d.partition("=")
+        if sep and name in {s.name for s in specs}:
+            data[name] = path
+        elif len(specs) == 1:
+            data[specs[0].name] = d
+        else:
+            raise LMForgeError(f"with several tasks, --data takes TASK=PATH (got {d!r})")
+    for n in ("limit", "batch_size", "shots", "threads", "num_beams"):
+        v = getattr(args, n)
+        if v is not None and v < (0 if n == "shots" else 1):
+            raise LMForgeError(f"--{n.replace('_', '-')} must be {'>= 0' if n == 'shots' else 'positive'}, got {v}")
+    for spec in specs:  # fail on a missing data file or a misapplied option before loading the model
+        check_beams(spec, args.num_beams)
+        resolve_data(spec, data.get(spec.name))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    lm = load(args)
+    opt = EvalOptions(limit=args.limit, shots=args.shots, batch_size=args.batch_size, chat=args.chat, seed=args.seed,
+                      progress=not args.quiet, window=args.window, stride=args.stride, resume=not args.fresh,
+                      strategy=args.strategy, tools=args.tools, tool_execution=args.tool_execution,
+                      num_beams=args.num_beams or 1)
+    doc = evaluate(lm, specs, data, opt, model_name=args.model)
+    if args.out:
+        write_run(args.out, doc)
+    print(report_card(doc), end="")
+    for name, t in doc["tasks"].items():
+        again = f", {t['resumed']} of them from an interrupted run" if t.get("resumed") else ""
+        print(f"{name}: {t['n']} items in {t['seconds']:.1f}s ({t['items_per_s']} items/s{again})", file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}/results.json and report.md", file=sys.stderr)
     return 0

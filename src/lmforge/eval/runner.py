@@ -38,6 +38,7 @@ class EvalOptions:
     strategy: Strategy | None = None  # generative tasks: answer each item's question with this strategy
     tools: tuple[str, ...] = ()  # generative tasks: tools offered in 0-shot chat prompts (eval/tooleval.py)
     tool_execution: bool = True  # run the calls during generation (else the model writes their results)
+    num_beams: int = 1  # seq2seq tasks on an encoder-decoder: beam search (1: greedy)
 
 
 def _fingerprint(f: Path, chunk: int = 1 << 20) -> str:
@@ -174,6 +175,7 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
         if opt.shots:
             raise LMForgeError("--tools prompts are 0-shot chat; drop --shots")
         shots = 0
+    check_beams(spec, opt.num_beams)
     all_items, path = load_items(spec, data)
     items = all_items[:opt.limit] if opt.limit else all_items
     t0 = time.perf_counter()
@@ -252,6 +254,13 @@ def run_task(lm: Any, spec: TaskSpec, data: str | Path | None, opt: EvalOptions)
             "data": str(path), "resumed": len(done)}
 
 
+def check_beams(spec: TaskSpec, num_beams: int | None) -> None:
+    """Beam search decodes seq2seq tasks (for encoder-decoders); other tasks are refused by name."""
+    if num_beams is not None and num_beams > 1 and spec.kind != "seq2seq":
+        raise LMForgeError(f"--num-beams applies to seq2seq tasks; {spec.name} is a "
+                           f"{spec.kind.replace('_', '-')} task")
+
+
 def check_strategy(spec: TaskSpec, shots: int | None) -> None:
     """A reasoning strategy answers generative tasks' questions, 0-shot, in the chat template."""
     if spec.kind == "seq2seq":
@@ -299,7 +308,7 @@ def evaluate(lm: Any, tasks: list[TaskSpec], data: dict[str, str], opt: EvalOpti
     out: dict[str, Any] = {"model": model_name or str(lm.path), "model_path": str(lm.path),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "options": {k: getattr(opt, k) for k in ("limit", "shots", "batch_size", "chat", "seed",
-                                                                  "tools", "tool_execution")},
+                                                                  "tools", "tool_execution", "num_beams")},
                            "strategy": asdict(opt.strategy) if opt.strategy is not None else None,
                            "results": [], "tasks": {}, "samples": {}}
     for spec in tasks:

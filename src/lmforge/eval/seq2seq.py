@@ -80,6 +80,23 @@ def prompts(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], same: 
     return out
 
 
+def cut_at_stop(text: str, stop: list[str] | tuple[str, ...]) -> str:
+    """``text`` up to the first of the stop strings."""
+    return min((text[:i] for i in (text.find(x) for x in stop if x) if i >= 0), key=len, default=text)
+
+
+def search(engine: Any, ids: list[list[int]], params: Any, desc: str, batch: int, progress: bool) -> list[Any]:
+    """Beam-search the sources ``batch`` at a time (each source's beams take a slot of their own)."""
+    from tqdm import tqdm
+
+    out: list[Any] = []
+    with tqdm(total=len(ids), desc=desc, disable=not progress, unit="item") as bar:
+        for i in range(0, len(ids), batch):
+            out += engine.generate(ids[i:i + batch], params)
+            bar.update(len(ids[i:i + batch]))
+    return out
+
+
 def run_seq2seq(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], same: bool, shots: int,
                 opt: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """Generate every item's output and score the set; returns (metric rows, per-item samples, shots)."""
@@ -94,16 +111,26 @@ def run_seq2seq(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], sa
             raise LMForgeError(f"task {spec.name}: an encoder-decoder model is prompted without exemplars; "
                                "drop --shots")
         shots = 0
+    beams = getattr(opt, "num_beams", 1)
+    if beams > 1 and not seq2seq:
+        raise LMForgeError(f"task {spec.name}: --num-beams searches an encoder-decoder's outputs; "
+                           f"{lm.config.family} is a decoder model")
     engine = Engine(lm.model, lm.tokenizer, max_batch=opt.batch_size)
     if seq2seq:  # the engine clamps the output to what the decoder holds
         max_tokens, room = spec.max_tokens, None
     else:  # a small context window keeps at least half of itself for the prompt
         max_tokens = max(1, min(spec.max_tokens, engine.context // 2))
         room = engine.context - max_tokens
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=list(spec.stop))
     ids = prompts(lm, spec, items, pool, same, shots, opt.chat, opt.seed, room)
-    seqs = [engine.add(p, params) for p in ids]
-    drive(engine, seqs, spec.name, opt.progress)
+    if beams > 1:  # beam search ranks whole hypotheses, so the stop strings cut them afterwards
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, num_beams=beams)
+        seqs = search(engine, ids, params, spec.name, opt.batch_size, opt.progress)
+        for s in seqs:
+            s.text = cut_at_stop(s.text, spec.stop)
+    else:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=list(spec.stop))
+        seqs = [engine.add(p, params) for p in ids]
+        drive(engine, seqs, spec.name, opt.progress)
     for it, s in zip(items, seqs):
         if s.error is not None:
             raise LMForgeError(f"task {spec.name}: item {it.index}: generation failed ({s.error})")

@@ -60,6 +60,12 @@ class OptimConfig:
     # A wall-clock budget in seconds (0: none): the run stops when it is spent, and the schedule decays
     # over the steps the run is on course to take in it; max_iters is then only an upper bound.
     max_seconds: float = 0.0
+    # "adamw", or "adafactor": T5's optimizer, whose steps are relative to each tensor's RMS (T5's
+    # initial scales differ by tensor, which a single AdamW rate serves badly); betas are AdamW's alone.
+    optimizer: str = "adamw"
+
+
+OPTIMIZERS = ("adamw", "adafactor")
 
 
 class Schedule(Protocol):
@@ -96,11 +102,15 @@ def timed_schedule(cfg: OptimConfig, step: int, seconds: float) -> OptimConfig:
 
 
 def make_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device, sharded: bool = False
-                   ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
+                   ) -> torch.optim.Optimizer:
+    """AdamW (or Adafactor) over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
+    if cfg.optimizer != "adamw":
+        raise LMForgeError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     # Fused kernels on CUDA; FSDP's sharded (DTensor) parameters take the default multi-tensor path.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not sharded)
 

@@ -40,7 +40,7 @@ from ..model import ModelConfig, Transformer
 from ..tokenizer import Tokenizer
 from .data import load_split
 from .distributed import DistInfo, mean_over_ranks, parallelize, setup_distributed
-from .loop import OptimConfig, TrainLoop, autocast, make_optimizer, use_bf16
+from .loop import OPTIMIZERS, OptimConfig, TrainLoop, autocast, make_optimizer, use_bf16
 
 OBJECTIVES = ("clm", "mlm", "seq2seq", "span-corruption")
 
@@ -59,7 +59,8 @@ class TrainConfig:
     warmup_iters: int = 100
     schedule: str = "cosine"  # "cosine" or "wsd" (warmup-stable-decay; decays over the last 20%)
     weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW's
+    optimizer: str = "adamw"  # or "adafactor" (loop.OptimConfig)
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_iters: int = 20
@@ -97,6 +98,10 @@ class TrainConfig:
             raise LMForgeError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if not 0 < self.lr:
             raise LMForgeError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LMForgeError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer != "adamw" and tuple(self.betas) != TrainConfig.betas:
+            raise LMForgeError(f"betas are AdamW's; optimizer {self.optimizer} has none (drop betas)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LMForgeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.objective not in OBJECTIVES:
@@ -117,7 +122,8 @@ class TrainConfig:
         return OptimConfig(lr=self.lr, max_iters=self.max_iters, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
                            schedule=self.schedule, weight_decay=self.weight_decay, betas=self.betas,
                            grad_clip=self.grad_clip, grad_accum=self.grad_accum, eval_every=self.eval_interval,
-                           save_every=self.save_interval, keep_last=self.keep_last, max_seconds=self.max_seconds)
+                           save_every=self.save_interval, keep_last=self.keep_last, max_seconds=self.max_seconds,
+                           optimizer=self.optimizer)
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
