@@ -198,6 +198,8 @@ def test_an_unknown_optimizer_is_a_one_line_error(tsv: Path, tmp_path: Path) -> 
         _cfg(tsv, tmp_path, optimizer="sgd").validate()
     with pytest.raises(LMForgeError, match="betas are AdamW's; optimizer adafactor has none"):
         _cfg(tsv, tmp_path, optimizer="adafactor", betas=(0.9, 0.98)).validate()
+    with pytest.raises(LMForgeError, match="optimizer adafactor cannot be combined with fsdp"):
+        _cfg(tsv, tmp_path, optimizer="adafactor", fsdp=True).validate()
 
 
 def test_a_time_budget_stops_the_run_and_fits_the_schedule(tsv: Path, tok_dir: Path, tmp_path: Path) -> None:

@@ -45,9 +45,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "source_prefix": "translate English to German: ",  # the prefix `eval` and `translate` write
         "model": {"family": "t5", "dim": 256, "n_layers": 3, "decoder_layers": 3, "n_heads": 4, "head_dim": 64,
                   "ffn_dim": 1024, "mlp": "gelu", "activation": "relu", "position": "relative", "norm_eps": 1e-6,
-                  "tie_embeddings": True, "dropout": 0.1},
-        "batch_size": 64, "block_size": 128, "max_iters": 1_000_000, "max_seconds": 2700, "lr": 7e-4,
-        "min_lr": 7e-5, "warmup_iters": 300, "betas": (0.9, 0.98), "weight_decay": 0.01, "grad_clip": 1.0,
+                  "tie_embeddings": True, "output_scale": True, "dropout": 0.1},
+        # T5's optimizer and tied layout (std-1 embeddings, the output scaled by dim**-0.5): Adafactor's
+        # relative steps suit tensors initialised at such different scales, where one AdamW rate does not.
+        "optimizer": "adafactor", "batch_size": 64, "block_size": 128, "max_iters": 1_000_000, "max_seconds": 2700,
+        "lr": 1e-2, "min_lr": 1e-3, "warmup_iters": 300, "weight_decay": 0.0, "grad_clip": 1.0,
         "label_smoothing": 0.1, "eval_interval": 500, "save_interval": 500, "keep_last": 20,
     },
     # T5's span-corruption pretraining at a small scale, on any text corpus (with sentinels in the vocabulary).

@@ -102,6 +102,8 @@ class TrainConfig:
             raise LMForgeError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.optimizer != "adamw" and tuple(self.betas) != TrainConfig.betas:
             raise LMForgeError(f"betas are AdamW's; optimizer {self.optimizer} has none (drop betas)")
+        if self.optimizer == "adafactor" and self.fsdp:  # its factored moments need whole matrices
+            raise LMForgeError("optimizer adafactor cannot be combined with fsdp (it factors whole matrices); use DDP")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LMForgeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.objective not in OBJECTIVES:
