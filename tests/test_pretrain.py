@@ -15,7 +15,7 @@ from lmforge.errors import LMForgeError
 from lmforge.formats import load_checkpoint
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.data import prepare
-from lmforge.train.loop import learning_rate
+from lmforge.train.loop import OptimConfig, learning_rate, timed_schedule
 from lmforge.train.pretrain import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -364,3 +364,16 @@ def test_mlm_bad_setups(mlm_data: Path, data: Path, tmp_path: Path) -> None:
         Trainer(_cfg(data, tmp_path / "b", model=BERT, objective="mlm"))  # a tokenizer without a mask
     with pytest.raises(LMForgeError, match="objective must be"):
         Trainer(_cfg(mlm_data, tmp_path / "c", objective="t5"))
+
+
+def test_a_time_budget_fits_the_schedule_and_a_warmup_fraction() -> None:
+    # 100 steps in 10 s of a 60 s budget: the run is on course for 600 steps, the cap being 18,000.
+    fitted = timed_schedule(OptimConfig(lr=1.0, max_iters=18_000, warmup_iters=540, warmup_fraction=0.03,
+                                        max_seconds=60.0), 100, 10.0)
+    assert (fitted.max_iters, fitted.warmup_iters) == (600, 18)
+    assert learning_rate(fitted, 18) == pytest.approx(1.0) and learning_rate(fitted, 599) < 1e-3
+    # An absolute warmup (pretraining's warmup_iters) stays as it is; no budget leaves the schedule alone.
+    fixed = timed_schedule(OptimConfig(lr=1.0, max_iters=1_000_000, warmup_iters=300, max_seconds=60.0), 100, 10.0)
+    assert (fixed.max_iters, fixed.warmup_iters) == (600, 300)
+    plain = OptimConfig(lr=1.0, max_iters=18_000, warmup_iters=540, warmup_fraction=0.03)
+    assert timed_schedule(plain, 100, 10.0) is plain

@@ -116,7 +116,7 @@ class FinetuneConfig:
                            warmup_iters=int(self.warmup_fraction * steps), weight_decay=self.weight_decay,
                            betas=(0.9, 0.999), grad_clip=self.grad_clip, grad_accum=self.grad_accum,
                            eval_every=self.eval_every, save_every=self.save_every, keep_last=self.keep_last,
-                           max_seconds=self.max_seconds)
+                           max_seconds=self.max_seconds, warmup_fraction=self.warmup_fraction)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int, device: torch.device) -> torch.Tensor:

@@ -63,6 +63,9 @@ class OptimConfig:
     # "adamw", or "adafactor": T5's optimizer, whose steps are relative to each tensor's RMS (T5's
     # initial scales differ by tensor, which a single AdamW rate serves badly); betas are AdamW's alone.
     optimizer: str = "adamw"
+    # Warmup as a fraction of the steps (fine-tuning's --warmup), else 0: warmup_iters as given. Under a
+    # time budget the fraction is of the steps the run is on course to take, not of max_iters.
+    warmup_fraction: float = 0.0
 
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -94,11 +97,12 @@ def learning_rate(cfg: Schedule, it: int) -> float:
 
 def timed_schedule(cfg: OptimConfig, step: int, seconds: float) -> OptimConfig:
     """The schedule of a run with a time budget: max_iters becomes the number of steps the run will have
-    taken when the budget is spent, at its pace so far."""
+    taken when the budget is spent, at its pace so far (and a warmup fraction is of those steps)."""
     if not cfg.max_seconds or step == 0 or seconds <= 0:
         return cfg
-    expected = int(step * cfg.max_seconds / seconds)
-    return dataclasses.replace(cfg, max_iters=max(step + 1, min(cfg.max_iters, expected)))
+    expected = max(step + 1, min(cfg.max_iters, int(step * cfg.max_seconds / seconds)))
+    warmup = int(cfg.warmup_fraction * expected) if cfg.warmup_fraction else cfg.warmup_iters
+    return dataclasses.replace(cfg, max_iters=expected, warmup_iters=warmup)
 
 
 def make_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device, sharded: bool = False
