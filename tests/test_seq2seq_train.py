@@ -229,6 +229,9 @@ def test_cli_trains_a_translation_model_with_its_own_tokenizer(tmp_path: Path, c
     assert "step 6: val_loss" in out
     ck = load_checkpoint(tmp_path / "run" / "step_0000006", device="cpu")
     assert isinstance(ck.model, EncoderDecoder) and ck.tokenizer.vocab_size == 150
+    # An encoder-decoder has no chat template: its tokenizer is saved without one.
+    saved = json.loads((tmp_path / "run" / "step_0000006" / "tokenizer_config.json").read_text())
+    assert "chat_template" not in saved and saved["eos_token"] == "</s>"
 
 
 def test_cli_span_corruption_pretraining(tmp_path: Path, capsys) -> None:

@@ -162,12 +162,13 @@ def _bart_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def save_tokenizer(tok: Tokenizer, out: Path) -> None:
+def save_tokenizer(tok: Tokenizer, out: Path, chat: bool = True) -> None:
+    """tokenizer.json and tokenizer_config.json; ``chat``: the model is a decoder LM, whose export then
+    carries the template lmforge renders with (ChatML by default), so it chats the same way elsewhere."""
     tok.hf.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
               "pad_token": tok.pad_token, "unk_token": tok.unk_token, "mask_token": tok.mask_token,
-              # the template lmforge renders with, so the export chats the same way
-              "chat_template": tok.chat_template or CHATML_TEMPLATE}
+              "chat_template": (tok.chat_template or CHATML_TEMPLATE) if chat else tok.chat_template}
     (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None},
                                                           indent=2, ensure_ascii=False), encoding="utf-8")
 
@@ -182,7 +183,7 @@ def write_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None = None,
         for key, token in (("bos_token_id", tokenizer.bos_token), ("eos_token_id", tokenizer.eos_token)):
             if token is not None:
                 config[key] = tokenizer.token_to_id(token)
-        save_tokenizer(tokenizer, out)
+        save_tokenizer(tokenizer, out, chat=model.cfg.causal and not model.cfg.decoder_layers)
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
