@@ -1,4 +1,4 @@
-"""`lmforge solve` (one question, one reasoning strategy) and the strategy flags of `lmforge eval`."""
+"""`lmforge eval` (its flags and command) and `lmforge solve` (one question, one reasoning strategy)."""
 
 from __future__ import annotations
 
