@@ -111,7 +111,7 @@ def run_seq2seq(lm: Any, spec: TaskSpec, items: list[Item], pool: list[Item], sa
             raise LMForgeError(f"task {spec.name}: an encoder-decoder model is prompted without exemplars; "
                                "drop --shots")
         shots = 0
-    beams = getattr(opt, "num_beams", 1)
+    beams = opt.num_beams
     if beams > 1 and not seq2seq:
         raise LMForgeError(f"task {spec.name}: --num-beams searches an encoder-decoder's outputs; "
                            f"{lm.config.family} is a decoder model")

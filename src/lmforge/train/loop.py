@@ -41,6 +41,9 @@ METRICS = "metrics.jsonl"
 
 
 # -- optimisation --------------------------------------------------------------------------------------
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 @dataclass
 class OptimConfig:
     """How a run optimises: the schedule, the optimizer, and the step cadence of evaluations and saves."""
@@ -67,8 +70,9 @@ class OptimConfig:
     # time budget the fraction is of the steps the run is on course to take, not of max_iters.
     warmup_fraction: float = 0.0
 
-
-OPTIMIZERS = ("adamw", "adafactor")
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise LMForgeError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 class Schedule(Protocol):
@@ -113,8 +117,6 @@ def make_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device, sh
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=cfg.lr)
-    if cfg.optimizer != "adamw":
-        raise LMForgeError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     # Fused kernels on CUDA; FSDP's sharded (DTensor) parameters take the default multi-tensor path.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not sharded)
 
