@@ -1,8 +1,12 @@
-"""What the benchmarks print about the machine they ran on."""
+"""What the benchmarks print about the machine they ran on, and how they run lmforge commands."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
+import time
 
 from lmforge.quant import cpu
 
@@ -20,3 +24,14 @@ def machine() -> str:
         out += (f", torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
                 f"{torch.get_num_threads()} threads")
     return out
+
+
+def run_lmforge(args: list[str], threads: int | None = None) -> tuple[float, str]:
+    """Run an lmforge command in a fresh process (with `threads` torch threads when given), echoing it;
+    returns (wall seconds, stdout)."""
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    print(f"$ {f'OMP_NUM_THREADS={threads} ' if threads else ''}{shlex.join(['lmforge', *args])}", flush=True)
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "lmforge", *args], check=True, stdout=subprocess.PIPE, text=True,
+                         env=env).stdout
+    return time.perf_counter() - t, out

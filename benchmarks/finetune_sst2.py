@@ -21,23 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-
-def run(cmd: list[str], threads: int) -> tuple[float, str]:
-    """Run an lmforge command with `threads` torch threads, echoing it; returns (wall seconds, stdout)."""
-    print(f"$ OMP_NUM_THREADS={threads} {shlex.join(['lmforge', *cmd])}", flush=True)
-    t = time.perf_counter()
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-m", "lmforge", *cmd], check=True, stdout=subprocess.PIPE, text=True,
-                         env=env).stdout
-    return time.perf_counter() - t, out
 
 
 def write_chat_data(n: int, seed: int, path: Path) -> int:
@@ -81,7 +67,7 @@ def main() -> None:
     ap.add_argument("--reuse-before", action="store_true", help="keep an existing OUT/before evaluation")
     ap.add_argument("--out", default="runs/sst2")
     args = ap.parse_args()
-    from common import machine
+    from common import machine, run_lmforge
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,13 +79,13 @@ def main() -> None:
         print(f"keeping {out / 'before'}")
         t_before = float("nan")
     else:
-        t_before, _ = run(["eval", args.model, *ev, "--out", str(out / "before")], args.threads)
-    t_train, train_out = run(["finetune", "sft", args.model, "--method", "lora", "--data", str(data),
+        t_before, _ = run_lmforge(["eval", args.model, *ev, "--out", str(out / "before")], args.threads)
+    t_train, train_out = run_lmforge(["finetune", "sft", args.model, "--method", "lora", "--data", str(data),
                               "--out", str(out / "run"), "--max-steps", str(args.steps), "--batch-size",
                               str(args.batch_size), "--lr", str(args.lr), "--eval-every", "50", "--save-every",
                               "100", "--samples", "0", "--seed", str(args.seed), "--device", "cpu"], args.threads)
-    t_after, _ = run(["eval", str(out / "run" / "final"), *ev, "--out", str(out / "after")], args.threads)
-    _, table = run(["eval", "compare", str(out / "before"), str(out / "after")], args.threads)
+    t_after, _ = run_lmforge(["eval", str(out / "run" / "final"), *ev, "--out", str(out / "after")], args.threads)
+    _, table = run_lmforge(["eval", "compare", str(out / "before"), str(out / "after")], args.threads)
     import torch
 
     torch.set_num_threads(args.threads)  # so machine() reports the threads the commands ran with

@@ -22,23 +22,12 @@ import argparse
 import gzip
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
-
-
-def lmforge(*args: str) -> tuple[float, str]:
-    """Run an lmforge command, echoing it; returns (wall seconds, stdout)."""
-    print(f"$ {shlex.join(['lmforge', *args])}", flush=True)
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "lmforge", *args], check=True, stdout=subprocess.PIPE,
-                         text=True).stdout
-    return time.perf_counter() - t, out
+from common import machine, run_lmforge  # noqa: E402
 
 
 def data_dir() -> Path:
@@ -53,8 +42,8 @@ def data_dir() -> Path:
 def score(model: Path | str, out: Path, *extra: str) -> dict[str, float]:
     """BLEU and chrF of a model on the Multi30k en->de validation split (cached in out/results.json)."""
     if not (out / "results.json").is_file():
-        lmforge("eval", str(model), "--tasks", "multi30k_en_de", "--data", str(data_dir()), "--out", str(out),
-                "--batch-size", "32", *extra)
+        run_lmforge(["eval", str(model), "--tasks", "multi30k_en_de", "--data", str(data_dir()), "--out", str(out),
+                     "--batch-size", "32", *extra])
     rows = json.loads((out / "results.json").read_text())["results"]
     return {r["metric"]: r["value"] for r in rows}
 
@@ -63,8 +52,8 @@ def part_t5(out: Path, minutes: float, every: int, beams: int) -> dict[str, floa
     run = out / "t5"
     data = data_dir()
     if not run.is_dir():
-        lmforge("train", "--preset", "t5-multi30k", "--data", str(data / "train.en.gz"), "--target-data",
-                str(data / "train.de.gz"), "--out", str(run), "--set", f"max_seconds={minutes * 60:g}")
+        run_lmforge(["train", "--preset", "t5-multi30k", "--data", str(data / "train.en.gz"), "--target-data",
+                     str(data / "train.de.gz"), "--out", str(run), "--set", f"max_seconds={minutes * 60:g}"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records}
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
@@ -118,16 +107,16 @@ def part_smollm2(out: Path, minutes: float, model: str) -> dict[str, float]:
     if not (run / "final").is_dir():
         n = write_chat_pairs(out / "multi30k_chat.jsonl")
         print(f"{n} chat pairs -> {out / 'multi30k_chat.jsonl'}")
-        lmforge("finetune", "sft", model, "--data", str(out / "multi30k_chat.jsonl"), "--out", str(run), "--method",
-                "lora", "--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-3", "--batch-size", "16", "--epochs", "10",
-                "--max-seconds", f"{minutes * 60:g}", "--val-fraction", "0.01", "--eval-every", "200",
-                "--save-every", "200", "--samples", "0")
+        run_lmforge(["finetune", "sft", model, "--data", str(out / "multi30k_chat.jsonl"), "--out", str(run),
+                     "--method", "lora", "--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-3", "--batch-size", "16",
+                     "--epochs", "10", "--max-seconds", f"{minutes * 60:g}", "--val-fraction", "0.01",
+                     "--eval-every", "200", "--save-every", "200", "--samples", "0"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     print(f"\nSmolLM2 LoRA: {records[-1]['step']} steps of 16 pairs in {records[-1]['elapsed_s'] / 60:.1f} min; "
           f"val loss {[round(r['val_loss'], 3) for r in records if 'val_loss' in r]}")
     merged = out / "smollm2-merged"
     if not merged.is_dir():
-        lmforge("merge", model, "--adapter", str(run / "final"), "--out", str(merged))
+        run_lmforge(["merge", model, "--adapter", str(run / "final"), "--out", str(merged)])
     rows = {"untuned, 3-shot": score(model, out / "smollm2-3shot"),
             "untuned, 0-shot chat": score(model, out / "smollm2-chat", "--chat", "--shots", "0"),
             "LoRA-tuned, 0-shot chat": score(merged, out / "smollm2-lora-eval", "--chat", "--shots", "0")}
