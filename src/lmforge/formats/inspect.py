@@ -108,7 +108,7 @@ def describe_system() -> dict[str, Any]:
         "C kernels": f"{Path(so._name).name} ({' '.join(cpu.compile_flags())})" if so is not None
         else "unavailable (needs Linux, AVX2 + FMA and a C compiler; plain PyTorch is used)",
     }
-    info |= {f"path ({k})": v for k, v in cpu.paths(kernels.MAX_ROWS, kernels.act16()).items()}
+    info |= {f"path ({k})": v for k, v in cpu.paths(kernels.MAX_ROWS, kernels.act16(), kernels.dot_path(so)).items()}
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     info["cuda"] = ", ".join(cuda) if cuda else "none"
     return info

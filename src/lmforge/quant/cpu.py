@@ -14,7 +14,9 @@ runs an instruction that machine lacks), and these choices follow:
 - training autocasts to bf16 where bf16 is fast ("auto" precision).
 
 `LMFORGE_EXACT=1` is the exact mode: fp32 for every product and fp32 activations in the packed
-kernels, on every machine. `LMFORGE_CPU_BF16=0|1` and `LMFORGE_ACT16=0|1` set one choice each.
+kernels, on every machine. `LMFORGE_CPU_BF16=0|1` and `LMFORGE_ACT16=0|1` set one choice each;
+`LMFORGE_KERNELS` names the kernels' instruction set (KERNEL_VARIANTS; all give the same bits) or turns
+them off (0).
 """
 
 from __future__ import annotations
@@ -116,26 +118,53 @@ def packed_rows(max_rows: int) -> int:
     return min(PACKED_ROWS_BF16, max_rows) if fast_bf16() else max_rows
 
 
-def compile_flags() -> list[str]:
-    """The C compiler's instruction-set flags for this machine's features (the kernels need AVX2 + FMA)."""
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+_AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl")
+# The instruction sets the C kernels are built for, best first: each one's compiler flags and the features
+# (CpuFeatures fields) it needs. All of them give bit-identical results; they differ only in speed.
+KERNEL_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512-vnni": ((*_AVX512, "-mavx512vnni"), ("avx2", "fma", "avx512", "avx512_vnni")),
+    "avx512": (_AVX512, ("avx2", "fma", "avx512")),
+    "avx-vnni": ((*_AVX2, "-mavxvnni"), ("avx2", "fma", "avx_vnni")),
+    "avx2": (_AVX2, ("avx2", "fma")),
+}
+
+
+def kernel_variants() -> list[str]:
+    """The kernel variants this CPU can run, best first."""
     f = features()
-    flags = ["-mavx2", "-mfma", "-mf16c"]
-    if f.avx512:
-        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl"]
-        if f.avx512_vnni:
-            flags.append("-mavx512vnni")
-    if f.avx_vnni:
-        flags.append("-mavxvnni")
-    return flags
+    return [name for name, (_, needs) in KERNEL_VARIANTS.items() if all(getattr(f, n) for n in needs)]
 
 
-def paths(max_rows: int, act16: bool) -> dict[str, str]:
+def kernel_variant() -> str | None:
+    """The variant the C kernels are built for: LMFORGE_KERNELS=1 (the default) the best this CPU can run,
+    a variant's name that one (refused where the CPU lacks what it needs), 0 none (plain PyTorch). None
+    also where the CPU has no AVX2 + FMA."""
+    choice = _switch("LMFORGE_KERNELS", ("0", "1", *KERNEL_VARIANTS), "1")
+    usable = kernel_variants()
+    if choice not in ("0", "1") and choice not in usable:
+        missing = [n for n in KERNEL_VARIANTS[choice][1] if not getattr(features(), n)]
+        raise LMForgeError(f"LMFORGE_KERNELS={choice} needs CPU features this CPU lacks: {', '.join(missing)}")
+    return None if choice == "0" or not usable else usable[0] if choice == "1" else choice
+
+
+def compile_flags(variant: str | None = None) -> list[str]:
+    """The C compiler's instruction-set flags for a kernel variant (default: `kernel_variant()`'s, or
+    AVX2 + FMA's where that is none)."""
+    return list(KERNEL_VARIANTS[variant or kernel_variant() or "avx2"][0])
+
+
+def paths(max_rows: int, act16: bool, dot: str | None = None) -> dict[str, str]:
     """The compute path each kind of work takes on this machine, in words (for `lmforge info --system`);
-    ``max_rows`` and ``act16``: what the packed kernels take and whether they round activations to int16."""
+    ``max_rows`` and ``act16``: what the packed kernels take and whether they round activations to int16;
+    ``dot``: the instruction set of their int16 dot products (kernels.dot_path)."""
     dense = "bf16 matmul, fp32 accumulation (oneDNN)" if fast_bf16() else "fp32 matmul"
     rows = packed_rows(max_rows)
+    packed = "packed GGUF codes, C kernels"
+    if act16:
+        packed += f" (int16 activations, {dot} dot products)" if dot else " (int16 activations)"
     return {
-        f"decode, up to {rows} rows": "packed GGUF codes, C kernels" + (" (int16 activations)" if act16 else ""),
+        f"decode, up to {rows} rows": packed,
         "prefill, batched decode, scoring": dense,
         "training, precision auto": "bf16 autocast" if fast_bf16() else "fp32",
         "exact mode, LMFORGE_EXACT=1": "on" if exact() else "off",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import LMForgeError
 from . import cpu
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 GROUP = 32  # weights per quantization group (GGUF's block size)
 MAX_ROWS = 16  # rows the packed products take; larger batches are compute-bound and go to dense matmuls
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
+_SOURCE = Path(__file__).with_name("csrc") / "kernels.c"  # one translation unit: it includes the headers beside it
 _build_dir: Path | None = None  # where `lib` compiles and caches the library; set by `use_build_dir`
 
 
@@ -57,21 +58,37 @@ def load(directory: Path) -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL | None:
-    """Compile (once, cached in the build directory) and load the kernels; None where unavailable, or
-    before `use_build_dir` named a directory."""
-    if _build_dir is None or os.environ.get("LMFORGE_KERNELS", "1") == "0" or sys.platform != "linux":
+    """Compile (once, cached in the build directory) and load the kernels for `cpu.kernel_variant()`; None
+    where unavailable, or before `use_build_dir` named a directory."""
+    if _build_dir is None or sys.platform != "linux":
         return None
-    f = cpu.features()
-    if not (f.avx2 and f.fma):
+    variant = cpu.kernel_variant()
+    if variant is None:
         return None
+    if os.environ.get("LMFORGE_KERNELS", "1") != "1":  # a variant asked for by name: that one or an error
+        so = build(variant, _build_dir)
+        if so is None:
+            raise LMForgeError(f"LMFORGE_KERNELS={variant}: the C kernels for it could not be compiled")
+        return so
+    usable = cpu.kernel_variants()
+    for v in usable[usable.index(variant):]:  # an older compiler may not know every flag: the next best
+        so = build(v, _build_dir)
+        if so is not None:
+            return so
+    return None
+
+
+def build(variant: str, directory: Path) -> ctypes.CDLL | None:
+    """The kernels for one instruction-set variant (cpu.KERNEL_VARIANTS), compiled once into ``directory``
+    and loaded; None where the compiler cannot build them. Refused for a variant this CPU cannot run."""
+    if variant not in cpu.kernel_variants():
+        raise LMForgeError(f"kernel variant {variant!r} needs CPU features this CPU lacks "
+                           f"(it can run: {', '.join(cpu.kernel_variants()) or 'none'})")
     # One library per source and instruction set: a cache directory shared with (or copied from) another
     # machine holds that machine's build under another name, never one this CPU cannot run.
-    for flags in (cpu.compile_flags(), ["-mavx2", "-mfma"]):  # an older compiler may not know every flag
-        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-        out = _build_dir / f"kernels-{key}.so"
-        if out.exists() or _compile(flags, out):
-            break
-    else:
+    flags = cpu.compile_flags(variant)
+    out = directory / library_name(flags)
+    if not (out.exists() or _compile(flags, out)):
         return None
     try:
         so = ctypes.CDLL(str(out))
@@ -89,7 +106,23 @@ def lib() -> ctypes.CDLL | None:
     for name, args in signatures.items():
         fn = getattr(so, name)
         fn.argtypes, fn.restype = args, None
+    so.dot_path.argtypes, so.dot_path.restype = [], ctypes.c_char_p
     return so
+
+
+def library_name(flags: list[str]) -> str:
+    """The library's file name for compiler ``flags``: a hash of the flags and every source file (so an edit
+    to any of them, headers included, builds a new library)."""
+    sources = [_SOURCE, *sorted(_SOURCE.parent.glob("*.h"))]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode()).hexdigest()[:16]
+    return f"kernels-{key}.so"
+
+
+def dot_path(so: ctypes.CDLL | None = None) -> str | None:
+    """The instruction set of the int16 dot products in ``so`` (default: `lib()`), e.g. "AVX-512 VNNI";
+    None where no library is loaded."""
+    so = so if so is not None else lib()
+    return so.dot_path().decode() if so is not None else None
 
 
 def _compile(flags: list[str], out: Path) -> bool:
@@ -128,17 +161,18 @@ def _gemv(so: ctypes.CDLL, kind: str) -> Any:
     return fn
 
 
-def packed_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """x [..., K] @ w.T for at most MAX_ROWS rows."""
+def packed_matmul(x: torch.Tensor, w: PackedWeight, so: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [..., K] @ w.T for at most MAX_ROWS rows, by the kernels of ``so`` (default: `lib()`)."""
+    so = so if so is not None else lib()
     if w.rest is not None:  # segments of different kinds: each its own product, the outputs side by side
-        return torch.cat([packed_matmul(x, dataclasses.replace(w, rest=None)), packed_matmul(x, w.rest)], -1)
+        return torch.cat([packed_matmul(x, dataclasses.replace(w, rest=None), so), packed_matmul(x, w.rest, so)], -1)
     n, k = w.shape
     if not x.is_contiguous():
         x = x.contiguous()
     m = x.numel() // k
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     zero = (w.zero.data_ptr(),) if w.kind in _ZERO_KINDS else ()
-    _gemv(lib(), w.kind)(x.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), *zero, y.data_ptr(), m, n, k, THREADS)
+    _gemv(so, w.kind)(x.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), *zero, y.data_ptr(), m, n, k, THREADS)
     return y
 
 

@@ -1,4 +1,5 @@
-/* Matrix-vector products straight from GGUF block-quantized weights (AVX2 + FMA, OpenMP).
+/* Matrix-vector products straight from GGUF block-quantized weights (AVX2 + FMA, and AVX-512 / VNNI where
+ * compiled for them; OpenMP).
  *
  * Decoding a token reads every weight once, so on CPUs it is bound by memory bandwidth; reading the
  * 4- to 8-bit codes instead of fp32 weights is what makes it fast. Codes are decoded in registers and
@@ -16,6 +17,30 @@
 
 #define MAX_ROWS 16  /* must match quant.py */
 
+/* The products' path, by the instruction set this library is compiled for (kernels.py builds one library
+ * per feature set): with AVX-512 (F, BW, VL), two groups at a time in 512-bit registers, the int16 dot
+ * products by VNNI's vpdpwssd where present; otherwise 256-bit, by AVX-VNNI's vpdpwssd where present.
+ * Every path forms the same int32 lane sums (integer sums are exact) and then the same float operations
+ * in the same order, so results are bit-identical across paths: a row's result never depends on the
+ * machine's instruction set, as it never depends on its batch. `dot_path` names the path. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PAIRS512 1
+#else
+#define PAIRS512 0
+#endif
+
+const char *dot_path(void) {
+#if PAIRS512 && defined(__AVX512VNNI__)
+    return "AVX-512 VNNI";
+#elif PAIRS512
+    return "AVX-512";
+#elif defined(__AVXVNNI__)
+    return "AVX-VNNI";
+#else
+    return "AVX2";
+#endif
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -28,12 +53,21 @@ static inline float hsum(__m256 v) {
  * integer multiply-adds (vpmaddwd) do 16 products an instruction instead of per-element float
  * conversions. Relative rounding is at most 2^-16 of the group's largest activation: about 256 times
  * finer than the 8-bit activations llama.cpp uses. */
-static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int64_t M, int64_t K) {
+/* Where group g's int16 activations start in their row, and the offset of its second half of 16. With
+ * PAIRS512, each pair of groups (g, g + 1) is stored as [g 0..15, g+1 0..15, g 16..31, g+1 16..31], so that
+ * one 512-bit load holds the halves that one 512-bit multiply-add pairs with both groups' codes; an odd last
+ * group stays in order. */
+static inline int64_t xq_at(int64_t g, int64_t G) {
+    return PAIRS512 && g < (G & ~(int64_t)1) ? (g & ~(int64_t)1) * 32 + (g & 1) * 16 : g * 32;
+}
+static inline int64_t xq_hi(int64_t g, int64_t G) { return PAIRS512 && g < (G & ~(int64_t)1) ? 32 : 16; }
+
+static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int64_t M, int64_t K, int threads) {
     const int64_t G = K / 32;
     const __m256 sign = _mm256_set1_ps(-0.f);
     /* Vectorized (cvtps rounds to nearest even, as lrintf does) and split across threads when large:
      * at a batch of 16 rows this runs before every product and would otherwise be serial. */
-#pragma omp parallel for schedule(static) if (M * K >= 8192)
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 8192)
     for (int64_t mg = 0; mg < M * G; mg++) {
         const float *p = x + mg * 32;
         __m256 v[4], mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
@@ -47,11 +81,13 @@ static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int6
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         float amax = _mm_cvtss_f32(m4), d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
         __m256 s = _mm256_set1_ps(inv);
+        const int64_t g = mg % G;
+        int16_t *dst = xq + (mg / G) * K + xq_at(g, G);
         for (int c = 0; c < 4; c += 2) {
             __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], s)), b = _mm256_cvtps_epi32(_mm256_mul_ps(v[c + 1], s));
             /* packs interleaves 128-bit lanes; the permute puts the 16 values back in order */
             __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
-            _mm256_storeu_si256((__m256i *)(xq + mg * 32 + 8 * c), q);
+            _mm256_storeu_si256((__m256i *)(dst + (c ? xq_hi(g, G) : 0)), q);
         }
         dx[mg] = d;
         xsum[mg] = hsum(sum);
@@ -59,16 +95,17 @@ static void quantize16(const float *x, int16_t *xq, float *dx, float *xsum, int6
 }
 
 /* A product's activations: int16 with a scale per group of 32 (xq, dx), or fp32 (x; xq NULL), and each
- * group's sum (for the zero points). */
-typedef struct { int16_t *xq; float *dx, *xsum; const float *x; } Acts;
+ * group's sum (for the zero points). With PAIRS512, fp32 ones also as xf: each pair of groups (g, g + 1)
+ * in 8-float chunks [g 0..7, g+1 0..7, g 8..15, g+1 8..15, ...], the chunks one 512-bit register takes. */
+typedef struct { int16_t *xq; float *dx, *xsum; const float *x; float *xf; } Acts;
 
-static Acts acts(const float *x, int64_t M, int64_t K, const int a16) {
+static Acts acts(const float *x, int64_t M, int64_t K, const int a16, int threads) {
     const int64_t G = K / 32;
-    Acts a = {NULL, NULL, malloc(sizeof(float) * M * G), x};
+    Acts a = {NULL, NULL, malloc(sizeof(float) * M * G), x, NULL};
     if (a16) {
         a.xq = malloc(sizeof(int16_t) * M * K);
         a.dx = malloc(sizeof(float) * M * G);
-        quantize16(x, a.xq, a.dx, a.xsum, M, K);
+        quantize16(x, a.xq, a.dx, a.xsum, M, K, threads);
         return a;
     }
     for (int64_t mg = 0; mg < M * G; mg++) {
@@ -76,10 +113,18 @@ static Acts acts(const float *x, int64_t M, int64_t K, const int a16) {
         for (int j = 0; j < 32; j++) s += x[mg * 32 + j];
         a.xsum[mg] = s;
     }
+    if (PAIRS512) {
+        a.xf = malloc(sizeof(float) * M * K);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < (G & ~(int64_t)1); g++)
+                for (int c = 0; c < 4; c++)
+                    memcpy(a.xf + m * K + (g & ~(int64_t)1) * 32 + c * 16 + (g & 1) * 8, x + m * K + g * 32 + c * 8,
+                           sizeof(float) * 8);
+    }
     return a;
 }
 
-static void acts_free(Acts a) { free(a.xq); free(a.dx); free(a.xsum); }
+static void acts_free(Acts a) { free(a.xq); free(a.dx); free(a.xsum); free(a.xf); }
 
 /* -- code kinds ---------------------------------------------------------------------------------------
  * How a group of 32 weights is stored (quant/packed.py PackedWeight; the numbers are kernels.py KINDS):
@@ -149,9 +194,18 @@ static inline int64_t scales_per_group(const int kind) { return kind == KIND_Q6 
 static inline __attribute__((always_inline)) __m256 acc16(__m256i lo, __m256i hi, const int16_t *xp, const float *sc,
                                                          int64_t g, float d, const int kind, __m256 acc) {
     __m256i s0 = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xp));
-    __m256i s1 = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 16)));
-    if (kind != KIND_Q6)
-        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(sc[g] * d), acc);
+    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xp + 16));
+    if (kind != KIND_Q6) {  /* lane i: products 2i, 2i + 1, 16 + 2i and 17 + 2i, summed exactly */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        const __m256i s = _mm256_dpwssd_epi32(s0, hi, x1);
+#elif defined(__AVXVNNI__)
+        const __m256i s = _mm256_dpwssd_avx_epi32(s0, hi, x1);
+#else
+        const __m256i s = _mm256_add_epi32(s0, _mm256_madd_epi16(hi, x1));
+#endif
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sc[g] * d), acc);
+    }
+    __m256i s1 = _mm256_madd_epi16(hi, x1);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(sc[2 * g] * d), acc);  /* Q6: a scale per 16 */
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(sc[2 * g + 1] * d), acc);
 }
@@ -164,6 +218,118 @@ static inline __attribute__((always_inline)) __m256 acc32(const __m256 *w, const
     acc = _mm256_fmadd_ps(p0, _mm256_set1_ps(sc[2 * g]), acc);
     return _mm256_fmadd_ps(p1, _mm256_set1_ps(sc[2 * g + 1]), acc);
 }
+
+#if PAIRS512
+/* Two groups' codes (g and g + 1) as two vectors of 32 bytes: [g 0..15 | g+1 0..15] and [g 16..31 | g+1
+ * 16..31], the same bytes `unpack` gives for each group, decoded side by side in 256-bit registers. */
+static inline __attribute__((always_inline)) void unpack2(const void *row, int64_t g, const int kind, __m256i *lo,
+                                                          __m256i *hi) {
+    const int64_t gb = group_bytes(kind);
+    const uint8_t *b = (const uint8_t *)row + g * gb;
+#define PAIR(p, q) _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p))), \
+                                           _mm_loadu_si128((const __m128i *)(q)), 1)
+    if (kind == KIND_Q8) {
+        *lo = PAIR(b, b + 32);
+        *hi = PAIR(b + 16, b + 48);
+        return;
+    }
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i raw = kind == KIND_Q4 ? _mm256_loadu_si256((const __m256i *)b) : PAIR(b, b + gb);
+#undef PAIR
+    __m256i l = _mm256_and_si256(raw, mask), h = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    if (kind == KIND_Q5) {  /* as in unpack, each 128-bit half with its own group's fifth bits */
+        int32_t b0, b1;
+        memcpy(&b0, b + 16, 4);
+        memcpy(&b1, b + gb + 16, 4);
+        const __m256i t = _mm256_setr_epi32(b0, b0, b0, b0, b1, b1, b1, b1), m = _mm256_set1_epi8(0x10);
+        l = _mm256_or_si256(l, _mm256_and_si256(_mm256_sllv_epi32(t, _mm256_setr_epi32(4, 3, 2, 1, 4, 3, 2, 1)), m));
+        h = _mm256_or_si256(h, _mm256_and_si256(_mm256_srlv_epi32(t, _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3)), m));
+    } else if (kind == KIND_Q6) {
+        int64_t t0, t1;
+        memcpy(&t0, b + 16, 8);
+        memcpy(&t1, b + gb + 16, 8);
+        const __m256i t = _mm256_setr_epi64x(t0, t0, t1, t1), m = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+        l = _mm256_sub_epi8(_mm256_or_si256(l, _mm256_and_si256(_mm256_sllv_epi64(t, _mm256_setr_epi64x(4, 2, 4, 2)), m)), off);
+        h = _mm256_sub_epi8(_mm256_or_si256(h, _mm256_and_si256(_mm256_srlv_epi64(t, _mm256_setr_epi64x(0, 2, 0, 2)), m)), off);
+    }
+    *lo = l;
+    *hi = h;
+}
+
+/* [p[i] x 8 | p[j] x 8] (i, j < n; p[0..n-1] is all that is read): two scales side by side, for the groups
+ * in the two halves of a 512-bit register. */
+static inline __attribute__((always_inline)) __m512 pair_ps(const float *p, const int n, const int i, const int j) {
+    const __m512i idx = _mm512_setr_epi32(i, i, i, i, i, i, i, i, j, j, j, j, j, j, j, j);
+    const __m128 v = n == 2 ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)) : _mm_loadu_ps(p);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+}
+
+/* The tile's products over pairs of groups, up to the last even group: acc[i]'s low half is what tile's
+ * acc0[i] is after them, its high half acc1[i], every lane computed by the operations acc16 (a16) or acc32
+ * apply to it. */
+static inline __attribute__((always_inline)) void pairs512(const void *row, const float *sc, Acts a, __m256 *acc0,
+                                                           __m256 *acc1, int64_t m0, int64_t K, const int kind,
+                                                           const int a16, const int T) {
+    const int64_t G = K / 32;
+    __m512 acc[4];
+    for (int i = 0; i < T; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g + 2 <= G; g += 2) {
+        __m256i l, h;
+        unpack2(row, g, kind, &l, &h);
+        __m512 s0, s1;  /* the weight scales: [g | g+1], and for Q6 [g, first 16 | g+1, first 16] and second 16s */
+        if (kind == KIND_Q6) {
+            s0 = pair_ps(sc + 2 * g, 4, 0, 2);
+            s1 = pair_ps(sc + 2 * g, 4, 1, 3);
+        } else {
+            s0 = s1 = pair_ps(sc + g, 2, 0, 1);
+        }
+        if (!a16) {  /* w[c]: chunk c (8 codes) of both groups, as floats */
+            const __m128i l0 = _mm256_castsi256_si128(l), l1 = _mm256_extracti128_si256(l, 1);
+            const __m128i h0 = _mm256_castsi256_si128(h), h1 = _mm256_extracti128_si256(h, 1);
+            const __m128i b[4] = {_mm_unpacklo_epi64(l0, l1), _mm_unpackhi_epi64(l0, l1), _mm_unpacklo_epi64(h0, h1),
+                                  _mm_unpackhi_epi64(h0, h1)};
+            __m512 w[4];
+            for (int c = 0; c < 4; c++)
+                w[c] = _mm512_cvtepi32_ps(is_signed(kind) ? _mm512_cvtepi8_epi32(b[c]) : _mm512_cvtepu8_epi32(b[c]));
+            for (int i = 0; i < T; i++) {
+                const float *xp = a.xf + (m0 + i) * K + g * 32;
+                const __m512 p0 = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp + 16), _mm512_mul_ps(w[0], _mm512_loadu_ps(xp)));
+                const __m512 p1 = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xp + 48), _mm512_mul_ps(w[2], _mm512_loadu_ps(xp + 32)));
+                if (kind != KIND_Q6) {
+                    acc[i] = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), s0, acc[i]);
+                } else {
+                    acc[i] = _mm512_fmadd_ps(p0, s0, acc[i]);
+                    acc[i] = _mm512_fmadd_ps(p1, s1, acc[i]);
+                }
+            }
+            continue;
+        }
+        const __m512i lo = is_signed(kind) ? _mm512_cvtepi8_epi16(l) : _mm512_cvtepu8_epi16(l);
+        const __m512i hi = is_signed(kind) ? _mm512_cvtepi8_epi16(h) : _mm512_cvtepu8_epi16(h);
+        for (int i = 0; i < T; i++) {
+            const int16_t *xp = a.xq + (m0 + i) * K + g * 32;
+            const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 32);
+            /* scale x d per lane: the same products as tile's scalar sc[g] * d */
+            const __m512 d = pair_ps(a.dx + (m0 + i) * G + g, 2, 0, 1);
+            if (kind != KIND_Q6) {
+#ifdef __AVX512VNNI__
+                const __m512i s = _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, x0), hi, x1);
+#else
+                const __m512i s = _mm512_add_epi32(_mm512_madd_epi16(lo, x0), _mm512_madd_epi16(hi, x1));
+#endif
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(s0, d), acc[i]);
+            } else {
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(lo, x0)), _mm512_mul_ps(s0, d), acc[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(hi, x1)), _mm512_mul_ps(s1, d), acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < T; i++) {
+        acc0[i] = _mm512_castps512_ps256(acc[i]);
+        acc1[i] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1));
+    }
+}
+#endif
 
 /* One weight row against a tile of T activation rows: each group's codes are decoded once for the whole
  * tile (T, kind and a16 are constants at every call, so the row loop unrolls and the accumulators stay in
@@ -180,6 +346,10 @@ static inline __attribute__((always_inline)) void tile(const void *row, const fl
     __m128i l0, h0, l1, h1;
     if (a16) {
         __m256i lo0, hi0, lo1, hi1;
+#if PAIRS512
+        pairs512(row, sc, a, acc0, acc1, m0, K, kind, 1, T);
+        g = G & ~(int64_t)1;
+#endif
         for (; g + 2 <= G; g += 2) {
             unpack(row, g, kind, &l0, &h0);
             unpack(row, g + 1, kind, &l1, &h1);
@@ -200,6 +370,10 @@ static inline __attribute__((always_inline)) void tile(const void *row, const fl
         }
     } else {
         __m256 w0[4], w1[4];
+#if PAIRS512
+        pairs512(row, sc, a, acc0, acc1, m0, K, kind, 0, T);
+        g = G & ~(int64_t)1;
+#endif
         for (; g + 2 <= G; g += 2) {
             unpack(row, g, kind, &l0, &h0);
             unpack(row, g + 1, kind, &l1, &h1);
@@ -247,7 +421,7 @@ static inline __attribute__((always_inline)) void row_product(const uint8_t *row
 static void gemv(const float *x, const void *codes, const float *scale, const float *zero, float *y, int64_t M,
                  int64_t N, int64_t ldy, int64_t K, int threads, int kind, int a16) {
     const int64_t G = K / 32, row_bytes = G * group_bytes(kind), spg = scales_per_group(kind);
-    Acts a = acts(x, M, K, a16);
+    Acts a = acts(x, M, K, a16, threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = (const uint8_t *)codes + n * row_bytes;
@@ -294,179 +468,4 @@ PRODUCTS(q5, KIND_Q5)
 PRODUCTS_NO_ZERO(q8, KIND_Q8)
 PRODUCTS_NO_ZERO(q6, KIND_Q6)
 
-/* -- small fused ops for the decode step -----------------------------------------------------------------
- * Each replaces several PyTorch ops whose dispatch costs more than their arithmetic at one token. */
-void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t dim, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *p = x + r * dim;
-        float ss = 0.f;
-        for (int64_t j = 0; j < dim; j++) ss += p[j] * p[j];
-        float inv = 1.f / sqrtf(ss / (float)dim + eps);
-        for (int64_t j = 0; j < dim; j++) y[r * dim + j] = w[j] * (p[j] * inv);
-    }
-}
-
-/* exp(x) for 8 floats (Cephes' polynomial, within 2 ulp of expf): x = n ln2 + r, exp(r) by a polynomial,
- * 2^n through the exponent bits. The clamp keeps 2^n a normal float. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-/* h: [rows, 2 * ffn] = gate | up; y: [rows, ffn] = silu(gate) * up. Vectorized and, for a batch of rows,
- * threaded: with one expf per element it was a twentieth of a 16-row decode step. */
-void swiglu(const float *h, float *y, int64_t rows, int64_t ffn) {
-#pragma omp parallel for schedule(static) if (rows * ffn >= 16384)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *gp = h + r * 2 * ffn, *up = gp + ffn;
-        float *yp = y + r * ffn;
-        int64_t j = 0;
-        for (; j + 8 <= ffn; j += 8) {
-            __m256 g = _mm256_loadu_ps(gp + j);
-            __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-            _mm256_storeu_ps(yp + j, _mm256_mul_ps(s, _mm256_loadu_ps(up + j)));
-        }
-        for (; j < ffn; j++) yp[j] = gp[j] / (1.f + expf(-gp[j])) * up[j];
-    }
-}
-
-/* Rotary embedding in place on a fresh qkv projection: x [rows, heads, hd], rotating the first n_rot
- * heads of each row (q and k; v is left alone) in the half-split layout. cos/sin: [rows, hd]. */
-void rope_inplace(float *x, const float *cos, const float *sin, int64_t rows, int64_t heads, int64_t n_rot,
-                  int64_t hd) {
-    const int64_t half = hd / 2;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos + r * hd, *s = sin + r * hd;
-        for (int64_t h = 0; h < n_rot; h++) {
-            float *p = x + (r * heads + h) * hd;
-            for (int64_t j = 0; j < half; j++) {
-                float a = p[j], b = p[j + half];
-                p[j] = a * c[j] - b * s[j];
-                p[j + half] = b * c[j + half] + a * s[j + half];
-            }
-        }
-    }
-}
-
-static inline float dot(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float d = 0.f;
-    if (n % 8 == 0) {
-        __m256 acc = _mm256_setzero_ps();
-        for (; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-        return hsum(acc);
-    }
-    for (; i < n; i++) d += a[i] * b[i];
-    return d;
-}
-
-/* One decode step of attention for b rows, each continuing its own KV-cache slot (grouped-query).
- * proj [b, (nh + 2 nkv) * hd]: each row's q, k, v heads, rope already applied. kc, vc: one layer of the
- * cache, [slots, nkv, cap, hd]. Row r's new key/value is stored at position pos[r] of slot slots[r],
- * then its query attends to positions 0..pos[r] of that slot; with a sliding window > 0, to the last
- * `window` of them only (pos[r] - window + 1 .. pos[r]). out: [b, nh * hd]. */
-void attn_decode_rows(const float *proj, float *kc, float *vc, const int64_t *slots, const int64_t *pos, float *out,
-                      int64_t b, int64_t nh, int64_t nkv, int64_t cap, int64_t hd, int64_t window, float scale,
-                      int threads) {
-    const int64_t group = nh / nkv, width = (nh + 2 * nkv) * hd;
-    for (int64_t r = 0; r < b; r++)
-        for (int64_t h = 0; h < nkv; h++) {
-            int64_t at = ((slots[r] * nkv + h) * cap + pos[r]) * hd;
-            memcpy(kc + at, proj + r * width + (nh + h) * hd, sizeof(float) * hd);
-            memcpy(vc + at, proj + r * width + (nh + nkv + h) * hd, sizeof(float) * hd);
-        }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t rh = 0; rh < b * nh; rh++) {
-        const int64_t r = rh / nh, h = rh % nh;
-        const int64_t first = window > 0 && pos[r] + 1 > window ? pos[r] + 1 - window : 0, len = pos[r] + 1 - first;
-        const float *qh = proj + r * width + h * hd;
-        const float *kh = kc + ((slots[r] * nkv + h / group) * cap + first) * hd;
-        const float *vh = vc + ((slots[r] * nkv + h / group) * cap + first) * hd;
-        float *sc = malloc(sizeof(float) * len), mx = -INFINITY, sum = 0.f;
-        for (int64_t j = 0; j < len; j++) {
-            sc[j] = dot(qh, kh + j * hd, hd) * scale;
-            mx = sc[j] > mx ? sc[j] : mx;
-        }
-        float *o = out + r * nh * hd + h * hd;
-        for (int64_t i = 0; i < hd; i++) o[i] = 0.f;
-        for (int64_t j = 0; j < len; j++) {
-            float w = expf(sc[j] - mx);
-            sum += w;
-            for (int64_t i = 0; i < hd; i++) o[i] += w * vh[j * hd + i];
-        }
-        for (int64_t i = 0; i < hd; i++) o[i] /= sum;
-        free(sc);
-    }
-}
-
-/* -- a whole decode step's blocks in one call -------------------------------------------------------------
- * At a few rows a step, a Llama-style block is eleven small operations, and dispatching each from Python
- * (module calls, checks, argument marshalling) cost a third of a one-row step. This runs every block of
- * the stack here, calling the same kernels in the same order as the per-operation path, so the result is
- * bit-identical to it. */
-typedef struct PW {
-    const void *codes;
-    const float *scale, *zero, *bias; /* bias may be NULL */
-    int64_t n, k;                     /* n: the whole matrix's rows, segments included */
-    int64_t kind;                     /* KIND_Q8, KIND_Q4, KIND_Q5 or KIND_Q6 */
-    int64_t rows;                     /* this segment's rows */
-    const struct PW *next;            /* the rows below, of another kind (NULL: none) */
-} PW;
-
-typedef struct {
-    const float *attn_norm, *mlp_norm;
-    PW qkv, o, gate_up, down;
-    int64_t window; /* sliding window of the attention; 0: the whole context */
-} Layer;
-
-static void product(const float *x, const PW *w, float *y, int64_t M, int threads) {
-    int64_t r0 = 0;
-    for (const PW *s = w; s; r0 += s->rows, s = s->next)
-        gemv(x, s->codes, s->scale, s->zero, y + r0, M, s->rows, w->n, w->k, threads, (int)s->kind, 1);
-    if (w->bias)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t j = 0; j < w->n; j++) y[m * w->n + j] += w->bias[j];
-}
-
-static void add_into(float *x, const float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] = x[i] + y[i];
-}
-
-/* x [b, dim] (updated in place): the hidden states entering the first block; b rows, each continuing
- * its own KV slot at pos[r]. kc / vc: the whole cache, [layers, slots, nkv, cap, hd]. cos / sin: [b, hd]. */
-void decode_stack(float *x, int64_t b, const Layer *layers, int64_t n_layers, float *kc, float *vc,
-                  const int64_t *slots, const int64_t *pos, const float *cos, const float *sin, int64_t dim,
-                  int64_t nh, int64_t nkv, int64_t slots_n, int64_t cap, int64_t hd, int64_t ffn, float eps,
-                  float attn_scale, int threads) {
-    const int64_t width = (nh + 2 * nkv) * hd, layer_size = slots_n * nkv * cap * hd;
-    float *h = malloc(sizeof(float) * b * dim), *proj = malloc(sizeof(float) * b * width);
-    float *att = malloc(sizeof(float) * b * nh * hd), *res = malloc(sizeof(float) * b * dim);
-    float *gu = malloc(sizeof(float) * b * 2 * ffn), *act = malloc(sizeof(float) * b * ffn);
-    for (int64_t l = 0; l < n_layers; l++) {
-        const Layer *L = layers + l;
-        rms_norm(x, L->attn_norm, h, b, dim, eps);
-        product(h, &L->qkv, proj, b, threads);
-        rope_inplace(proj, cos, sin, b, nh + 2 * nkv, nh + nkv, hd);
-        attn_decode_rows(proj, kc + l * layer_size, vc + l * layer_size, slots, pos, att, b, nh, nkv, cap, hd,
-                         L->window, attn_scale, threads);
-        product(att, &L->o, res, b, threads);
-        add_into(x, res, b * dim);
-        rms_norm(x, L->mlp_norm, h, b, dim, eps);
-        product(h, &L->gate_up, gu, b, threads);
-        swiglu(gu, act, b, ffn);
-        product(act, &L->down, res, b, threads);
-        add_into(x, res, b * dim);
-    }
-    free(h); free(proj); free(att); free(res); free(gu); free(act);
-}
+#include "decode.h"
