@@ -1,4 +1,4 @@
-"""A CPU decode step's whole block stack in one C call (`decode_stack` in csrc/kernels.c).
+"""A CPU decode step's whole block stack in one C call (`decode_stack` in csrc/decode.h, part of the kernels).
 
 At one token a step, a Llama-style block is about eleven small operations, and dispatching each from
 Python cost about a third of the step. When every block is the plain pre-norm RMSNorm / rotary /
@@ -69,12 +69,17 @@ def _linear(lin: Any, keep: list) -> _PW | None:
 def _state(model: Any) -> tuple:
     """What the plan depends on: the modules, their codes and every weight's version (an in-place update,
     e.g. a fine-tuning step, makes the cached pointers describe stale codes)."""
+    # Read straight from the modules' dicts: this runs before every decode step, and nn.Module's __getattr__
+    # made it a sixth of a SmolLM2 step.
     parts: list[Any] = []
-    for blk in model.layers:
-        for m in (blk.attn_norm, blk.mlp_norm, blk.attn.qkv, blk.attn.o, blk.mlp.gate_up, blk.mlp.down):
+    for blk in model._modules["layers"]:
+        sub = blk._modules
+        attn, mlp = sub["attn"]._modules, sub["mlp"]._modules
+        for m in (sub["attn_norm"], sub["mlp_norm"], attn["qkv"], attn["o"], mlp["gate_up"], mlp["down"]):
             # LoRA wrappers and other replacements have no weight of their own; the plan refuses them.
-            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
-            parts += (id(m), id(getattr(m, "packed", None)), weight._version if weight is not None else -1,
+            params = m._parameters
+            weight, bias = params.get("weight"), params.get("bias")
+            parts += (id(m), id(m.__dict__.get("packed")), weight._version if weight is not None else -1,
                       bias._version if bias is not None else -1)
     return tuple(parts)
 
