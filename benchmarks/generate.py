@@ -46,6 +46,7 @@ def bench_lmforge(path: Path, prompt: list[int], short: list[int], n_decode: int
     # Every step returns sampled tokens to the host, so CUDA timings include the device's work.
     ck = load_checkpoint(path, device=device)
     eng = Engine(ck.model, ck.tokenizer, max_batch=32)
+    eng.speculate(None)  # plain decoding, token by token: speculation is measured in speculative.py
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     eng.generate([short], greedy)  # warm-up
     t = time.perf_counter()

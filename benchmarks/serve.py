@@ -132,6 +132,9 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
     ap.add_argument("--engines", default="lmforge,llama.cpp")
     ap.add_argument("--device", default=None, help="passed to `lmforge serve --device` (default: the server's)")
+    ap.add_argument("--draft-tokens", type=int, default=0,
+                    help="passed to `lmforge serve --draft-tokens` (default 0: plain decoding, as llama.cpp's server "
+                         "runs; speculative decoding is measured in speculative.py)")
     args = ap.parse_args()
     # A time limit's SIGTERM unwinds like Ctrl-C, so the `finally` below still stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -144,7 +147,7 @@ def main() -> None:
     if "lmforge" in engines:
         port = free_port()
         cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(gguf), "--port", str(port),
-               "--max-batch", str(max(levels)), "--max-queue", "256"]
+               "--max-batch", str(max(levels)), "--max-queue", "256", "--draft-tokens", str(args.draft_tokens)]
         if args.device:
             cmd += ["--device", args.device]
         # ignore_eos: every request yields exactly max_tokens, so levels compare like with like

@@ -155,10 +155,10 @@ def test_cli_tiny_temperature_and_huge_seed(tiny_dir, capsys):
 def test_a_failure_mid_stream_is_an_error_event_then_done_and_fails_that_request_alone(srv, monkeypatch):
     real_sample = SamplerState.sample
 
-    def sample(self, logits):  # an internal failure in one request's sampling (seed 666 marks it)
+    def sample(self, logits, draft=None):  # an internal failure in one request's sampling (seed 666 marks it)
         if self.p.seed == 666:
             raise RuntimeError("sampling exploded")
-        return real_sample(self, logits)
+        return real_sample(self, logits, draft)
 
     monkeypatch.setattr(SamplerState, "sample", sample)
     with httpx.stream("POST", srv.url + "/v1/completions", json=LONG | {"max_tokens": 30, "stream": True},

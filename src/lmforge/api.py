@@ -13,6 +13,7 @@ import torch
 from .encoders.pooling import Pooling, embed, embed_ids, pad_id, read_pooling
 from .engine import Engine, SamplingParams, Sequence, TokenLogprob
 from .engine.scoring import prompt_logprobs
+from .engine.speculative import DRAFT_TOKENS, DraftModel, PromptLookup
 from .errors import LMForgeError
 from .formats import Checkpoint, load_checkpoint
 from .model import ModelConfig, Transformer
@@ -45,13 +46,33 @@ class LM:
             raise LMForgeError(f"{self.path}: the model has no tokenizer (tokenizer.json)")
         return self.checkpoint.tokenizer
 
-    def configure_engine(self, max_batch: int, max_len: int | None = None, kv_memory: int | None = None) -> Engine:
+    def configure_engine(self, max_batch: int, max_len: int | None = None, kv_memory: int | None = None,
+                         draft_tokens: int | None = None, draft_model: LM | None = None) -> Engine:
         """Give the engine this shape (slots, context, KV cache bytes; see `Engine`) and return it. The server
-        drives it from then on, on its scheduler thread; `generate`, `stream` and `chat` use it too."""
+        drives it from then on, on its scheduler thread; `generate`, `stream` and `chat` use it too.
+
+        Speculative decoding (engine/speculative.py): by default the engine guesses by prompt lookup wherever
+        verification is exact; ``draft_tokens`` sets the most guesses a step (0 turns it off), and
+        ``draft_model`` guesses with that model (same vocabulary) instead. Asked for where it cannot run, it
+        is refused."""
         if self.engine.has_work:
             raise LMForgeError("the engine cannot be reconfigured while it is generating")
+        if draft_tokens is not None and draft_tokens < 0:
+            raise LMForgeError(f"draft_tokens must be 0 (off) or more, got {draft_tokens}")
         self.engine = Engine(self.model, self.checkpoint.tokenizer, max_batch=max_batch, max_len=max_len,
                              kv_memory=kv_memory)
+        if draft_tokens == 0:
+            if draft_model is not None:
+                raise LMForgeError("a draft model needs draft_tokens of at least 1")
+            self.engine.speculate(None)
+        elif draft_tokens is not None or draft_model is not None:
+            drafter: Any = PromptLookup()
+            if draft_model is not None:
+                mine, theirs = self.checkpoint.tokenizer, draft_model.checkpoint.tokenizer
+                if mine is not None and theirs is not None and mine.hf.get_vocab() != theirs.hf.get_vocab():
+                    raise LMForgeError(f"the draft model {draft_model.path} has another vocabulary than {self.path}")
+                drafter = DraftModel(draft_model.model, self.config.vocab_size)
+            self.engine.speculate(drafter, draft_tokens or DRAFT_TOKENS)
         return self.engine
 
     @property

@@ -178,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LMForgeError("--max-batch must be at least 1 and --max-queue at least 0")
     if args.ctx is not None and args.ctx < 2:
         raise LMForgeError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.draft_tokens is not None and (args.draft_tokens < 0 or (args.draft_model and args.draft_tokens == 0)):
+        raise LMForgeError(f"--draft-tokens must be at least {1 if args.draft_model else 0}, got {args.draft_tokens}")
     if not 0 <= args.port <= 65535:
         raise LMForgeError(f"--port must be between 0 and 65535, got {args.port}")
     kv_memory = None if args.kv_memory is None else parse_size(args.kv_memory, "--kv-memory")
@@ -194,11 +196,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(1) as pool:  # its thread ends when the block does
         lm = pool.submit(load, args.model, device=args.device, max_batch=1, progress=sys.stderr.isatty(),
                          adapter=args.adapter).result()
+        draft = pool.submit(load, args.draft_model, device=args.device, max_batch=1).result() \
+            if args.draft_model else None
     cfg = ServerConfig(model_name=model_name_for(args.model), api_keys=keys, max_batch=args.max_batch,
-                       max_queue=args.max_queue, ctx=args.ctx, kv_memory=kv_memory)
+                       max_queue=args.max_queue, ctx=args.ctx, kv_memory=kv_memory, draft_tokens=args.draft_tokens)
     print(f"serving {cfg.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1)",
           file=sys.stderr)
-    serve(lm, cfg, host=args.host, port=args.port)
+    serve(lm, cfg, host=args.host, port=args.port, draft=draft)
     return 0
 
 
@@ -283,6 +287,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .engine.speculative import DRAFT_TOKENS
 
     parser = _Parser(prog="lmforge", description="Run, chat with and inspect language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -339,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for the KV cache, all slots together, e.g. 512M, 2G or bytes (default: 512M, or one "
                         "full-context sequence if that is more); requests that do not fit wait, and the context "
                         "shrinks to what it holds")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="N",
+                   help="speculative decoding: the most tokens guessed a step and verified together (default "
+                        f"{DRAFT_TOKENS}, by prompt lookup, where the model runs the packed CPU kernels; 0: off)")
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="guess with this small model (same vocabulary) instead of prompt lookup")
     _add_adapter(p)
     p.set_defaults(func=cmd_serve)
 

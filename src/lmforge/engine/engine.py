@@ -15,6 +15,9 @@ A slot keeps its keys and values after its sequence leaves. A new prompt that st
 slot holds (a shared system prompt, the earlier turns of a chat) reuses that prefix: it is copied
 into the new sequence's slot (or is already there) and only the rest of the prompt is prefilled.
 
+Where a step's rows are computed exactly as their own one-row steps would be, a decode step also feeds
+each sequence's guessed next tokens and keeps those the model agrees with (engine/speculative.py).
+
 An encoder-decoder (T5, BART) runs these same steps with its own prefill and decode (engine/seq2seq.py).
 """
 
@@ -31,8 +34,11 @@ import torch
 
 from ..errors import LMForgeError
 from ..model import Transformer
+from ..quant import exact_rows
 from ..tokenizer import IncrementalDecoder, Tokenizer
+from . import speculative
 from .kv_cache import KVCache, default_kv_memory, kv_bytes_per_token
+from .output import append
 from .sampling import SamplerState, SamplingParams, TokenLogprob, token_logprob
 from .tooluse import ToolHook, closes_call, force_result
 
@@ -68,6 +74,7 @@ class Sequence:
     tools: Any = None  # a ToolHook (engine/tooluse.py): calls this sequence writes run during decoding
     forced: list[tuple[int, int]] = field(default_factory=list)  # [start, end) spans of output_ids forced by tools
     forced_chars: list[tuple[int, int]] = field(default_factory=list)  # the same spans in `text`
+    spec: speculative.DraftState | None = None  # speculative decoding's guesses so far (engine/speculative.py)
 
     @property
     def done(self) -> bool:
@@ -121,6 +128,21 @@ class Engine:
         # enough to decode a while before the cache must grow, small enough that many sequences start at once.
         self.headroom = max(1, min(ADMIT_HEADROOM, self.context // 16))
         self.preemptions = 0  # sequences preempted to keep the cache within its budget (a statistic)
+        # Speculative decoding (engine/speculative.py): prompt lookup wherever verification is exact.
+        self.drafter: speculative.Drafter | None = None
+        self.draft_tokens = self.spec_rows = 0  # the most guesses per sequence, and rows per step
+        if exact_rows(model) > 1:
+            self.speculate(speculative.PromptLookup())
+
+    def speculate(self, drafter: speculative.Drafter | None, draft_tokens: int = speculative.DRAFT_TOKENS) -> None:
+        """Guess up to ``draft_tokens`` tokens a step with ``drafter`` and verify them in one step (None: plain
+        decoding). Refused where a step's rows are not computed exactly as their one-row steps would be
+        (`quant.exact_rows`), since greedy output could then differ from plain decoding's."""
+        self.spec_rows = exact_rows(self.model)
+        if drafter is not None and (draft_tokens < 1 or self.spec_rows < 2):
+            raise LMForgeError("speculative decoding needs draft_tokens >= 1 and a model whose decode steps run the "
+                               "packed CPU kernels (a GGUF file's codes on CPU, fp32, LMFORGE_EXACT unset)")
+        self.drafter, self.draft_tokens = drafter, draft_tokens if drafter is not None else 0
 
     # -- requests ----------------------------------------------------------------------------------
     def add(self, prompt_ids: Seq[int], params: SamplingParams | None = None) -> Sequence:
@@ -375,92 +397,69 @@ class Engine:
         return self._sample(batch, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _decode(self, batch: list[Sequence]) -> list[tuple[Sequence, str]]:
-        tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
-        logits = self.model(tokens, cache=self.cache, start_pos=[s.cached for s in batch],
-                            slots=[s.slot for s in batch])[:, -1]
-        for s in batch:
-            s.cached += 1
-        return self._sample(batch, logits)
+        drafts = speculative.drafts(self, batch) if self.drafter is not None else None
+        if drafts is None:
+            drafts = [[]] * len(batch)
+        # One row per sequence, plus one per guessed token: its slot's next positions (engine/speculative.py).
+        rows = [(s, t, s.cached + j) for s, d in zip(batch, drafts) for j, t in enumerate([s.output_ids[-1], *d])]
+        tokens = torch.tensor([[t] for _, t, _ in rows], device=self.device)
+        logits = self.model(tokens, cache=self.cache, start_pos=[p for _, _, p in rows],
+                            slots=[s.slot for s, _, _ in rows])[:, -1]
+        return self._sample(batch, logits, drafts)
 
-    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor, drafts: list[list[int]] | None = None
+                ) -> list[tuple[Sequence, str]]:
+        """Sample each sequence's next token from its row of logits. With ``drafts`` (a decode step), a
+        sequence's row is followed by one row per guessed token: its tokens are taken row by row while
+        each is the guess the next row was fed (engine/speculative.py), and its cache length advances by
+        the rows used."""
         logits = logits.float()
         simple = all(s.params.greedy and s.sampler.counts is None and s.sampler.seen is None
                      and s.sampler.bias is None and s.constraint is None
                      and len(s.output_ids) >= s.params.min_tokens for s in batch)
-        chosen: list[int] = logits.argmax(-1).tolist() if simple else [-1] * len(batch)  # one argmax for all
-        out, forced = [], []
-        for i, s in enumerate(batch):
+        chosen: list[int] = logits.argmax(-1).tolist() if simple else [-1] * len(logits)  # one argmax for all
+        out, forced, i = [], [], 0
+        for s, guess in zip(batch, drafts or [[]] * len(batch)):
+            text, used, first = "", 0, i
             # A failure in one row (its sampler, constraint or stop handling) fails that sequence alone.
             try:
-                if not simple:
-                    row = logits[i] if s.constraint is None else s.constraint.mask(logits[i], s.max_tokens
-                                                                                   - len(s.output_ids))
-                    if len(s.output_ids) < s.params.min_tokens:  # no end-of-turn before min_tokens
-                        ends = [t for t in s.stop_ids if t < row.shape[0]]
-                        row = row.index_fill(0, torch.tensor(ends, dtype=torch.long, device=row.device),
-                                             float("-inf"))
-                    chosen[i] = s.sampler.sample(row)
-                tok = chosen[i]
-                if s.constraint is not None:  # near the end of its budget it may take its own closing move
-                    tok = s.constraint.accept(tok)
-                if s.params.logprobs:
-                    s.logprobs.append(token_logprob(logits[i], tok, s.params.top_logprobs))
-                text = self._append(s, tok)
-                if closes_call(s):
-                    text += force_result(s, self.tok)
-                    if not s.done:  # the forced tokens are prefilled next step, as a resumed sequence's are
-                        forced.append(s)
+                while used <= len(guess) and not s.done:
+                    draft = guess[used] if used < len(guess) else None
+                    used += 1
+                    i = first + used - 1
+                    if not simple or (draft is not None and not s.params.greedy):
+                        row = logits[i] if s.constraint is None else s.constraint.mask(logits[i], s.max_tokens
+                                                                                       - len(s.output_ids))
+                        if len(s.output_ids) < s.params.min_tokens:  # no end-of-turn before min_tokens
+                            ends = [t for t in s.stop_ids if t < row.shape[0]]
+                            row = row.index_fill(0, torch.tensor(ends, dtype=torch.long, device=row.device),
+                                                 float("-inf"))
+                        chosen[i] = s.sampler.sample(row, draft)
+                    tok = chosen[i]
+                    if s.constraint is not None:  # near the end of its budget it may take its own closing move
+                        tok = s.constraint.accept(tok)
+                    if s.params.logprobs:
+                        s.logprobs.append(token_logprob(logits[i], tok, s.params.top_logprobs))
+                    text += append(s, tok)
+                    if closes_call(s):
+                        text += force_result(s, self.tok)
+                        if not s.done:  # the forced tokens are prefilled next step, as a resumed sequence's are
+                            forced.append(s)
+                    if tok != draft:
+                        break
                 out.append((s, text))
             except Exception as e:
                 s.error, s.finish_reason = e, "error"
-                out.append((s, ""))
+                out.append((s, text))
+            i = first + len(guess) + 1  # the next sequence's first row
+            if drafts is not None:
+                s.cached += used
+                if guess:
+                    speculative.adapt(s.spec, len(guess), used - 1, self.draft_tokens)
             if s.done or (forced and forced[-1] is s):
                 self.running.pop(s.slot, None)
         self.waiting.extendleft(reversed(forced))
         return out
-
-    def _append(self, s: Sequence, tok: int) -> str:
-        """Record one sampled token; returns the text it releases (held back if it may start a stop string)."""
-        s.output_ids.append(tok)
-        s.sampler.observe(tok)
-        if tok in s.stop_ids:
-            # End-of-turn tokens never appear in the output, but their logprob entry stays: the token was
-            # sampled, and scoring clients (echo + logprobs) read the entry after the prompt's last token.
-            s.output_ids.pop()
-            s.finish_reason = "stop"
-            return self._release(s, final=True)
-        if s.decoder is not None:
-            s.raw += s.decoder.push(tok)
-        if len(s.output_ids) >= s.max_tokens:
-            # A constrained output that is a whole document has finished, though at the budget's last token.
-            s.finish_reason = "stop" if s.constraint is not None and s.constraint.complete else "length"
-            return self._release(s, final=True)
-        return self._release(s, final=False)
-
-    def _release(self, s: Sequence, final: bool) -> str:
-        if s.decoder is None:
-            return ""
-        if final:
-            s.raw += s.decoder.flush()
-        safe = len(s.raw)
-        # Released text never holds a stop string or its start, so a match begins after it. Before
-        # min_tokens no stop string counts (vLLM's semantics).
-        early = len(s.output_ids) < s.params.min_tokens
-        hits = [] if early else [j for j in (s.raw.find(stop, len(s.text)) for stop in s.params.stop) if j != -1]
-        if hits:
-            safe = min(hits)
-            s.raw = s.raw[:safe]
-            s.finish_reason = "stop"
-        elif not final:
-            # Hold back a tail that could still grow into a stop string.
-            for stop in s.params.stop:
-                for k in range(min(len(stop) - 1, len(s.raw) - len(s.text)), 0, -1):
-                    if s.raw.endswith(stop[:k]):
-                        safe = min(safe, len(s.raw) - k)
-                        break
-        delta = s.raw[len(s.text):safe]
-        s.text += delta
-        return delta
 
     # -- convenience loops -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,

@@ -216,11 +216,19 @@ class SamplerState:
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         return logits
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits: torch.Tensor, draft: int | None = None) -> int:
+        """The next token. With ``draft`` (speculative decoding's guess, a deterministic proposal), the
+        standard acceptance rule keeps the guess with probability p(draft) and otherwise samples from p
+        without it, so the token's distribution is p either way."""
         processed = self.process(logits)
         if self.p.greedy:
             return int(processed.argmax())
-        return int(torch.multinomial(processed.softmax(-1), 1, generator=self.generator))
+        probs = processed.softmax(-1)
+        if draft is not None:
+            if float(torch.rand((), generator=self.generator, device=probs.device)) < float(probs[draft]):
+                return draft
+            probs[draft] = 0.0
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 def token_logprob(logits: torch.Tensor, token: int, n: int) -> TokenLogprob:

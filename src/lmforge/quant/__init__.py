@@ -7,7 +7,7 @@ decode step's whole block stack in one C call. accel.py: `accelerate`, the one c
 it into a built model.
 """
 
-from .accel import DecodeKVStore, accelerate
+from .accel import DecodeKVStore, accelerate, exact_rows
 from .packed import PackedLinear, PackedWeight, from_gguf_blocks
 
-__all__ = ["DecodeKVStore", "PackedLinear", "PackedWeight", "accelerate", "from_gguf_blocks"]
+__all__ = ["DecodeKVStore", "PackedLinear", "PackedWeight", "accelerate", "exact_rows", "from_gguf_blocks"]

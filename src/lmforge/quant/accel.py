@@ -109,6 +109,20 @@ class FastTransformer(Transformer):
         return super().logits(x)
 
 
+def exact_rows(model: Transformer) -> int:
+    """How many rows a one-token step may have while each row's logits equal those of its own one-row step,
+    bit for bit (0: no such guarantee). That holds where the whole step runs the packed C kernels, whose
+    per-row arithmetic never depends on the batch: the fused block stack (fused.plan) and a packed output
+    matrix. Speculative decoding verifies its guesses only there (engine/speculative.py)."""
+    if not isinstance(model, FastTransformer) or fused.plan(model) is None:
+        return 0
+    p = next(model.parameters())
+    head = model.head_packed if model.lm_head is None else getattr(model.lm_head, "packed", None)
+    if head is None or p.device.type != "cpu" or p.dtype != torch.float32:
+        return 0
+    return cpu.packed_rows(kernels.MAX_ROWS)
+
+
 def accelerate(model: Transformer, kernel_dir: Path, packed: dict[str, PackedWeight] | None = None
                ) -> Transformer:
     """Install the CPU fast paths into a built model, in place, and return it.

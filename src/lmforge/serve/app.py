@@ -39,9 +39,10 @@ from .schemas import (
 from .server import Server
 
 
-def create_app(lm: LM, cfg: ServerConfig) -> FastAPI:
-    """Build the FastAPI app; its scheduler thread starts now and stops at shutdown."""
-    server = Server(lm, cfg)
+def create_app(lm: LM, cfg: ServerConfig, draft: LM | None = None) -> FastAPI:
+    """Build the FastAPI app; its scheduler thread starts now and stops at shutdown. ``draft``: a small model
+    that guesses tokens for speculative decoding (default: prompt lookup where it is exact)."""
+    server = Server(lm, cfg, draft)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -253,12 +254,17 @@ def model_name_for(model: str) -> str:
     return p.name if p.exists() else model
 
 
-def serve(lm: LM, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(lm: LM, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000, draft: LM | None = None) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    app = create_app(lm, cfg)
-    kv = app.state.server.engine.kv_info
+    app = create_app(lm, cfg, draft)
+    engine = app.state.server.engine
+    kv = engine.kv_info
     print(f"KV cache: {kv['slots']} slots, up to {kv['context']} tokens each, {kv['tokens']} tokens in all, "
           f"{kv['bytes'] / 2**20:.0f} MiB (--kv-memory)", file=sys.stderr)
+    spec = (f"up to {engine.draft_tokens} tokens a step, guessed by "
+            f"{'the draft model' if draft is not None else 'prompt lookup'}" if engine.drafter is not None
+            else "off (it needs a GGUF model's packed codes on CPU)")
+    print(f"speculative decoding: {spec} (--draft-tokens, --draft-model)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

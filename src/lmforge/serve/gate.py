@@ -26,6 +26,7 @@ class ServerConfig:
     max_queue: int = 64
     ctx: int | None = None
     kv_memory: int | None = None  # bytes for the KV cache, all slots together; None: the engine's default
+    draft_tokens: int | None = None  # speculative decoding's most guesses a step; None: the engine's default
     max_body_bytes: int = 4 * 2**20
     max_messages: int = 512
     max_inputs: int = 256  # embeddings inputs / completion prompts per request

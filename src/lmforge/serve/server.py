@@ -23,8 +23,9 @@ EMBED_CHUNK = 8
 class Server(Edge):
     """The loaded model, its engine and scheduler, and the helpers the routes share."""
 
-    def __init__(self, lm: LM, cfg: ServerConfig) -> None:
-        self.engine = lm.configure_engine(max_batch=cfg.max_batch, max_len=cfg.ctx, kv_memory=cfg.kv_memory)
+    def __init__(self, lm: LM, cfg: ServerConfig, draft: LM | None = None) -> None:
+        self.engine = lm.configure_engine(max_batch=cfg.max_batch, max_len=cfg.ctx, kv_memory=cfg.kv_memory,
+                                          draft_tokens=cfg.draft_tokens, draft_model=draft)
         super().__init__(lm, cfg, self.engine.context, self.engine.kv_limits_context)
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.engine, max_queue=cfg.max_queue, metrics=self.metrics)
