@@ -184,12 +184,15 @@ def test_smollm2_server_streams_the_same_greedy_text_with_speculation(smollm2_pa
     lm = lmforge.load(smollm2_path)
     texts, steps = {}, {}
     for draft_tokens in (0, None):
-        with RunningServer(lm, draft_tokens=draft_tokens) as srv:
+        with RunningServer(lm, draft_tokens=draft_tokens, stream_interval=0) as srv:  # an event a step
             assert (srv.app.state.server.engine.drafter is None) == (draft_tokens == 0)
             with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=120) as r:
                 chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
             events = [json.loads(line[len("data: "):]) for line in chunks]
             texts[draft_tokens] = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
             steps[draft_tokens] = len(chunks)
+            metrics = httpx.get(f"{srv.url}/metrics").text
+            accepted = [ln for ln in metrics.splitlines() if ln.startswith('lmforge_draft_tokens_total{result="accepted"}')]
+            assert (float(accepted[0].split()[-1]) > 0) if draft_tokens is None else not accepted
     assert texts[None] == texts[0] and "basket of silver fish" in texts[0]
     assert steps[None] < steps[0]  # guessed tokens arrive several per event

@@ -178,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LMForgeError("--max-batch must be at least 1 and --max-queue at least 0")
     if args.ctx is not None and args.ctx < 2:
         raise LMForgeError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.stream_interval_ms < 0:
+        raise LMForgeError(f"--stream-interval-ms must be 0 or more, got {args.stream_interval_ms}")
     if args.draft_tokens is not None and (args.draft_tokens < 0 or (args.draft_model and args.draft_tokens == 0)):
         raise LMForgeError(f"--draft-tokens must be at least {1 if args.draft_model else 0}, got {args.draft_tokens}")
     if not 0 <= args.port <= 65535:
@@ -199,7 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         draft = pool.submit(load, args.draft_model, device=args.device, max_batch=1).result() \
             if args.draft_model else None
     cfg = ServerConfig(model_name=model_name_for(args.model), api_keys=keys, max_batch=args.max_batch,
-                       max_queue=args.max_queue, ctx=args.ctx, kv_memory=kv_memory, draft_tokens=args.draft_tokens)
+                       max_queue=args.max_queue, ctx=args.ctx, kv_memory=kv_memory, draft_tokens=args.draft_tokens,
+                       stream_interval=args.stream_interval_ms / 1000)
     print(f"serving {cfg.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1)",
           file=sys.stderr)
     serve(lm, cfg, host=args.host, port=args.port, draft=draft)
@@ -288,6 +291,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .engine.speculative import DRAFT_TOKENS
+    from .serve.scheduler import STREAM_INTERVAL
 
     parser = _Parser(prog="lmforge", description="Run, chat with and inspect language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -349,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DRAFT_TOKENS}, by prompt lookup, where the model runs the packed CPU kernels; 0: off)")
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="guess with this small model (same vocabulary) instead of prompt lookup")
+    p.add_argument("--stream-interval-ms", type=float, default=STREAM_INTERVAL * 1000, metavar="MS",
+                   help="the least time between two streamed chunks of a choice; text decoded in between goes "
+                        f"out together (default {STREAM_INTERVAL * 1000:g}; 0: a chunk every step)")
     _add_adapter(p)
     p.set_defaults(func=cmd_serve)
 

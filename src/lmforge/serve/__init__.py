@@ -9,7 +9,21 @@
 - `schemas`: request bodies. `metrics`: Prometheus counters.
 """
 
-from .app import create_app, model_name_for, serve
-from .gate import ServerConfig
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["ServerConfig", "create_app", "model_name_for", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the CLI reads the scheduler's defaults without loading FastAPI.
+    if name == "ServerConfig":
+        from .gate import ServerConfig
+
+        return ServerConfig
+    if name in __all__:
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from ..errors import LMForgeError
 from .metrics import Metrics
+from .scheduler import STREAM_INTERVAL
 
 OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico", "/openapi.json"})  # no API key needed
 OPEN_PREFIXES = ("/static/",)  # the web page's scripts and styles: public, like the page itself
@@ -27,6 +28,7 @@ class ServerConfig:
     ctx: int | None = None
     kv_memory: int | None = None  # bytes for the KV cache, all slots together; None: the engine's default
     draft_tokens: int | None = None  # speculative decoding's most guesses a step; None: the engine's default
+    stream_interval: float = STREAM_INTERVAL  # seconds: the least time between two streamed events of a sequence
     max_body_bytes: int = 4 * 2**20
     max_messages: int = 512
     max_inputs: int = 256  # embeddings inputs / completion prompts per request

@@ -42,6 +42,7 @@ class Metrics:
         self.tokens_in = Counter()
         self.tokens_out = Counter()
         self.preemptions = Counter()
+        self.draft_tokens = Counter()  # speculative decoding's guesses, by result (accepted / rejected)
         self.ttft = Histogram(_LATENCY)
         self.itl = Histogram(_LATENCY)
         self.waiting = 0
@@ -77,6 +78,8 @@ class Metrics:
         counter("lmforge_generation_tokens_total", "Tokens generated.", self.tokens_out)
         counter("lmforge_preemptions_total", "Sequences preempted to keep the KV cache within its memory budget "
                 "(resumed later by recomputing their keys and values).", self.preemptions)
+        counter("lmforge_draft_tokens_total", "Tokens guessed by speculative decoding, by whether the model "
+                "agreed (accepted) or not (rejected).", self.draft_tokens)
         gauge("lmforge_queue_depth", "Sequences waiting for a slot.", self.waiting)
         gauge("lmforge_running_sequences", "Sequences being decoded.", self.running)
         histogram("lmforge_time_to_first_token_seconds", "Time from request to first generated token.", self.ttft)

@@ -28,7 +28,8 @@ class Server(Edge):
                                           draft_tokens=cfg.draft_tokens, draft_model=draft)
         super().__init__(lm, cfg, self.engine.context, self.engine.kv_limits_context)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(self.engine, max_queue=cfg.max_queue, metrics=self.metrics)
+        self.scheduler = Scheduler(self.engine, max_queue=cfg.max_queue, metrics=self.metrics,
+                                   stream_interval=cfg.stream_interval)
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
 
