@@ -427,7 +427,7 @@ class Engine:
                     draft = guess[used] if used < len(guess) else None
                     used += 1
                     i = first + used - 1
-                    if not simple or (draft is not None and not s.params.greedy):
+                    if not simple:
                         row = logits[i] if s.constraint is None else s.constraint.mask(logits[i], s.max_tokens
                                                                                        - len(s.output_ids))
                         if len(s.output_ids) < s.params.min_tokens:  # no end-of-turn before min_tokens
