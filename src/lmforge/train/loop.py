@@ -117,17 +117,25 @@ def make_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device, sh
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=cfg.lr)
-    # Fused kernels on CUDA; FSDP's sharded (DTensor) parameters take the default multi-tensor path.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not sharded)
+    # Fused kernels (one per parameter group, also on CPU); FSDP's sharded (DTensor) parameters take the
+    # default multi-tensor path.
+    fused = device.type in ("cuda", "cpu") and not sharded
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+# Training's products have batch x block rows, so bf16 pays off on narrower models than inference's
+# (cpu.BF16_MIN_WIDTH). Measured on a Zen 5 core (AVX-512 BF16), a training step of a 4-layer model with
+# 12 x 64 tokens: width 128 1.9x faster in bf16, width 96 1.5x, width 64 1.3x (narrower stays exact).
+TRAIN_BF16_MIN_WIDTH = 128
 
 
 def use_bf16(precision: str, device: torch.device, width: int) -> bool:
     """Whether `precision` means bf16 autocast here for a model of hidden size `width`: "bf16"; "fp32";
     "auto": bf16 on CUDA, and on CPUs whose bf16 matmuls are fast (quant.cpu) for models of at least
-    cpu.BF16_MIN_WIDTH; fp32 elsewhere."""
+    TRAIN_BF16_MIN_WIDTH; fp32 elsewhere."""
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and width >= cpu.BF16_MIN_WIDTH and cpu.fast_bf16())
+    return device.type == "cuda" or (device.type == "cpu" and width >= TRAIN_BF16_MIN_WIDTH and cpu.fast_bf16())
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:

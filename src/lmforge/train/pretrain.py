@@ -38,6 +38,7 @@ from ..formats.export import write_hf
 from ..fsutil import read_json
 from ..model import ModelConfig, Transformer
 from ..tokenizer import Tokenizer
+from .attention import use_short_attention
 from .data import load_split
 from .distributed import DistInfo, mean_over_ranks, parallelize, setup_distributed
 from .loop import OptimConfig, TrainLoop, autocast, make_optimizer, use_bf16
@@ -132,9 +133,9 @@ def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
     return 6 * n_params + 12 * cfg.n_layers * cfg.context_length * cfg.q_dim
 
 
-def matmul_peak(device: torch.device, n: int = 1024, reps: int = 5) -> float:
-    """Measured fp32 (CPU) or bf16 (GPU) matmul FLOP/s: the denominator of MFU."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device: torch.device, n: int = 1024, reps: int = 5, bf16: bool = False) -> float:
+    """Measured matmul FLOP/s, bf16 on a GPU or when `bf16`, else fp32: the denominator of MFU."""
+    dtype = torch.bfloat16 if device.type == "cuda" or bf16 else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     if device.type == "cuda":
@@ -297,6 +298,7 @@ class Trainer(TrainLoop):
         self.model = Transformer(self.model_cfg).to(self.device)
         self.model.init_weights()
         self.model.grad_checkpointing = cfg.activation_checkpointing
+        use_short_attention(self.model, self.device, self.bf16, cfg.block_size)
         if cfg.compile:  # block by block: FSDP's hooks sit between blocks, and every block is the same graph
             for layer in self.model.layers:
                 layer.compile()
@@ -382,7 +384,7 @@ class Trainer(TrainLoop):
         return self.sample()  # every rank: under FSDP the forward pass is a collective
 
     def fit(self, until: int | None = None) -> list[float]:
-        self.peak = matmul_peak(self.device) * self.dist.world
+        self.peak = matmul_peak(self.device, bf16=self.bf16) * self.dist.world
         self.flops_per_token = flops_per_token(self.model_cfg, sum(p.numel() for p in self.model.parameters()))
         return super().fit(until)
 
