@@ -74,7 +74,7 @@ def test_smollm2_lora_sft_merge_export_runs_in_llama_cpp(smollm2_path: Path, tmp
     lm = lmforge.load(gguf, device="cpu")
     n, margin = 6, 1.0
     for p in (lm.chat_prompt(QUESTIONS[0]), lm.chat_prompt("Write one sentence about the sea."),
-              lm.tokenizer.encode("The capital of France is")):
+              lm.tokenizer.encode("One, two, three, four, five,")):
         ours = lm.generate_sequences([p], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].output_ids
         with torch.no_grad():
             top2 = lm.model(torch.tensor([p + ours]))[0, len(p) - 1:-1].topk(2, -1).values
