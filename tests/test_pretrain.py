@@ -69,6 +69,9 @@ def test_bad_inputs(data: Path, tmp_path: Path) -> None:
         Trainer(_cfg(data, tmp_path / "a", model=MODEL | {"n_heads": 3}))
     with pytest.raises(LMForgeError, match="not a prepared data directory"):
         Trainer(_cfg(tmp_path, tmp_path / "b"))
+    # A shape its checkpoints (HF directories) cannot hold is refused before training, not at the first save.
+    with pytest.raises(LMForgeError, match="an HF GPT-2 has biases"):
+        Trainer(_cfg(data, tmp_path / "nb", model=MODEL | {"family": "gpt2", "qkv_bias": False}))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "metadata.json").write_text("{not json")
     with pytest.raises(LMForgeError, match="metadata.json: invalid JSON"):

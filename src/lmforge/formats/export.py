@@ -176,9 +176,9 @@ def save_tokenizer(tok: Tokenizer, out: Path, chat: bool = True) -> None:
 def write_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None = None,
              dtype: torch.dtype = torch.float32, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json, model.safetensors (and the tokenizer files) into an existing directory."""
+    config = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}  # first: it names a misfit
     tensors = {k: v.to("cpu", dtype).contiguous() for k, v in hf_tensors(model, state_dict)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
     if tokenizer is not None:
         for key, token in (("bos_token_id", tokenizer.bos_token), ("eos_token_id", tokenizer.eos_token)):
             if token is not None:

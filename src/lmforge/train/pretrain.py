@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import LMForgeError
-from ..formats.export import write_hf
+from ..formats.export import hf_config, write_hf
 from ..fsutil import read_json
 from ..model import ModelConfig, Transformer
 from ..tokenizer import Tokenizer
@@ -292,6 +292,7 @@ class Trainer(TrainLoop):
         self.tokenizer = Tokenizer.from_dir(data) if (data / "tokenizer.json").exists() else None
         self.model_cfg = ModelConfig.from_dict({"vocab_size": self.meta["vocab_size"],
                                                 "context_length": cfg.block_size, **cfg.model})
+        hf_config(self.model_cfg)  # checkpoints are HF directories: a shape they cannot hold fails now, not at one
         self.bf16 = use_bf16(cfg.precision, self.device, self.model_cfg.dim)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
