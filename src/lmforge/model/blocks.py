@@ -142,13 +142,7 @@ class Attention(nn.Module):
         """Attention and output projection from the q/k/v projection proj [b, t, (nh + 2 nkv) * hd]; q and
         k are rotated here unless ``rope`` is None."""
         b, t, _ = proj.shape
-        # Slicing rather than split(): on the decode path every dispatched op costs microseconds.
-        nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
-        heads = proj.view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, q+k+v heads, t, hd]
-        qk, v = heads[:, :nqk], heads[:, nqk:]
-        if rope is not None:  # q and k rotate together: half the ops of rotating each
-            qk = apply_rotary(qk, *rope)
-        q, k = qk[:, :nq], qk[:, nq:]
+        q, k, v = self.heads(proj, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
@@ -156,6 +150,17 @@ class Attention(nn.Module):
             enable_gqa=self.n_heads != self.n_kv_heads,
         )
         return self.o(y.transpose(1, 2).reshape(b, t, self.q_dim))
+
+    def heads(self, proj: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v as [b, heads, t, hd] views of proj, q and k rotated unless ``rope`` is None."""
+        b, t, _ = proj.shape
+        # Slicing rather than split(): on the decode path every dispatched op costs microseconds.
+        nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
+        heads = proj.view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, q+k+v heads, t, hd]
+        qk, v = heads[:, :nqk], heads[:, nqk:]
+        if rope is not None:  # q and k rotate together: half the ops of rotating each
+            qk = apply_rotary(qk, *rope)
+        return qk[:, :nq], qk[:, nq:], v
 
 
 class UnscaledAttention(Attention):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.blocks import Attention, KVStore, Rope, apply_rotary
+from ..model.blocks import Attention, KVStore, Rope
 
 SHORT_ATTENTION_MAX_POSITIONS = 128
 
@@ -26,12 +26,8 @@ class ShortAttention(Attention):
         if cache is not None or mask is not None or not is_causal:
             return super().attend(proj, rope, mask, is_causal, cache)
         b, t, _ = proj.shape
-        nq = self.n_heads
-        heads = proj.view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, 3 * heads, t, hd]
-        qk, v = heads[:, : 2 * nq], heads[:, 2 * nq:]
-        if rope is not None:
-            qk = apply_rotary(qk, *rope)
-        scores = (qk[:, :nq] @ qk[:, nq:].transpose(-1, -2)) * (self.head_dim**-0.5 if self.scale is None else self.scale)
+        q, k, v = self.heads(proj, rope)
+        scores = (q @ k.transpose(-1, -2)) * (self.head_dim**-0.5 if self.scale is None else self.scale)
         future = torch.ones(t, t, dtype=torch.bool, device=proj.device).triu(1)
         y = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
         return self.o(y.transpose(1, 2).reshape(b, t, self.q_dim))
