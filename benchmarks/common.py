@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from lmforge.quant import cpu
 
@@ -35,3 +37,27 @@ def run_lmforge(args: list[str], threads: int | None = None) -> tuple[float, str
     out = subprocess.run([sys.executable, "-m", "lmforge", *args], check=True, stdout=subprocess.PIPE, text=True,
                          env=env).stdout
     return time.perf_counter() - t, out
+
+
+def plain_engine(model: Any, tokenizer: Any, max_batch: int) -> Any:
+    """An Engine that decodes token by token, speculation off: what decode speed figures measure
+    (speculative decoding is measured in speculative.py)."""
+    from lmforge.engine import Engine
+
+    eng = Engine(model, tokenizer, max_batch=max_batch)
+    eng.speculate(None)
+    return eng
+
+
+def decode_rate(eng: Any, prompt: list[int], batch: int, n_decode: int,
+                clock: Callable[[], float] = time.perf_counter) -> float:
+    """Greedy tokens per second of ``clock`` for ``batch`` copies of ``prompt``, ``n_decode`` tokens each
+    (``ignore_eos``); the prefill step is not timed."""
+    from lmforge.engine import SamplingParams
+
+    seqs = [eng.add(prompt, SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True)) for _ in range(batch)]
+    eng.step()  # prefill, not timed
+    t = clock()
+    while not all(s.done for s in seqs):
+        eng.step()
+    return batch * (n_decode - 1) / (clock() - t)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine
+from common import decode_rate, machine, plain_engine
 
 # lmforge runs only in its own process: loading a model sets KMP_BLOCKTIME, which must not leak into
 # the process that measures transformers as its users get it.
@@ -40,26 +40,19 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
 
 def bench_lmforge(path: Path, prompt: list[int], short: list[int], n_decode: int,
                   device: str = "cpu") -> dict[str, float]:
-    from lmforge.engine import Engine, SamplingParams
+    from lmforge.engine import SamplingParams
     from lmforge.formats import load_checkpoint
 
     # Every step returns sampled tokens to the host, so CUDA timings include the device's work.
     ck = load_checkpoint(path, device=device)
-    eng = Engine(ck.model, ck.tokenizer, max_batch=32)
-    eng.speculate(None)  # plain decoding, token by token: speculation is measured in speculative.py
+    eng = plain_engine(ck.model, ck.tokenizer, max_batch=32)
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     eng.generate([short], greedy)  # warm-up
     t = time.perf_counter()
     eng.generate([prompt], greedy)
     out = {"prefill": len(prompt) / (time.perf_counter() - t)}
     for b in (1, 8, 32):
-        params = SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True)
-        seqs = [eng.add(short, params) for _ in range(b)]
-        eng.step()  # prefill, not timed
-        t = time.perf_counter()
-        while not all(s.done for s in seqs):
-            eng.step()
-        out[f"decode_b{b}"] = b * (n_decode - 1) / (time.perf_counter() - t)
+        out[f"decode_b{b}"] = decode_rate(eng, short, b, n_decode)
     del eng, ck
     gc.collect()
     return out

@@ -18,7 +18,7 @@ import os
 import time
 
 import torch
-from common import machine
+from common import decode_rate, machine, plain_engine
 from gguf import GGMLQuantizationType
 from kquants import quantize_any
 
@@ -66,23 +66,12 @@ def product_table(src, variants: list[str], rounds: int) -> None:
             print(f"| {qtype} ({weights[qtype].kind}) | {rows} | " + " | ".join(cells) + " |")
 
 
-def decode_rate(eng, prompt: list[int], batch: int, n_decode: int) -> float:
-    from lmforge.engine import SamplingParams
-
-    seqs = [eng.add(prompt, SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True)) for _ in range(batch)]
-    eng.step()  # prefill, not timed
-    t = time.perf_counter()
-    while not all(s.done for s in seqs):
-        eng.step()
-    return batch * (n_decode - 1) / (time.perf_counter() - t)
-
-
 def decode_table(src, variants: list[str], rounds: int, n_decode: int) -> None:
-    from lmforge.engine import Engine, SamplingParams
+    from lmforge.engine import SamplingParams
     from lmforge.quant import fused
 
     ck = load_checkpoint(src, device="cpu", dtype=torch.float32)
-    eng = Engine(ck.model, ck.tokenizer, max_batch=8)
+    eng = plain_engine(ck.model, ck.tokenizer, max_batch=8)
     prompt = ck.tokenizer.encode("The history of the printing press begins")
     best = {(b, v): 0.0 for b in (1, 8) for v in variants}
     outputs = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine
+from common import decode_rate, machine, plain_engine
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import quantize
 
@@ -225,12 +225,12 @@ class Decoder:
     """One loaded file, ready to time batch-1 greedy decoding."""
 
     def __init__(self, path: Path) -> None:
-        from lmforge.engine import Engine, SamplingParams
+        from lmforge.engine import SamplingParams
         from lmforge.formats import load_checkpoint
         from lmforge.quant import fused
 
         self.ck = load_checkpoint(path, device="cpu", dtype=torch.float32)
-        self.eng = Engine(self.ck.model, self.ck.tokenizer, max_batch=1)
+        self.eng = plain_engine(self.ck.model, self.ck.tokenizer, max_batch=1)
         self.prompt = self.ck.tokenizer.encode("The history of the printing press begins")
         self.eng.generate([self.prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
         self.path = "fused stack" if fused.plan(self.ck.model) is not None else "per operation"
@@ -240,7 +240,6 @@ class Decoder:
         """Tokens per second of wall time (all threads), and per second of CPU time on one thread (the
         kernels and PyTorch both held to the calling thread), which time slices lost to other processes
         on a shared machine do not inflate."""
-        from lmforge.engine import SamplingParams
         from lmforge.quant import kernels
 
         out = []
@@ -249,13 +248,7 @@ class Decoder:
             if one:
                 kernels.THREADS = 1
                 torch.set_num_threads(1)
-            seq = self.eng.add(self.prompt, SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True))
-            self.eng.step()  # prefill, not timed
-            clock = time.thread_time if one else time.perf_counter
-            t = clock()
-            while not seq.done:
-                self.eng.step()
-            out.append((n_decode - 1) / (clock() - t))
+            out.append(decode_rate(self.eng, self.prompt, 1, n_decode, time.thread_time if one else time.perf_counter))
         kernels.THREADS = threads
         torch.set_num_threads(torch_threads)
         return out[0], out[1]
