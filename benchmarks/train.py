@@ -24,8 +24,8 @@ training; and it trains with its own defaults: bf16 autocast where bf16 matmuls 
 fused AdamW.
 
 Measured (docs/benchmarks.md, "Training against nanoGPT"): AMD EPYC Zen 5, 2 cores, AVX-512 BF16, no AMX,
-2 threads: lmforge reached val loss 1.90 in 33.1 s (at step 2000), nanoGPT in 68.0 s (at step 1750): 0.49x;
-per step lmforge ran 2.36x nanoGPT's tokens/s.
+2 threads: lmforge reached val loss 1.90 in 33.1 s (at step 2000), nanoGPT in 68.0 s (at step 1750): 0.49x
+(two later runs: 0.48x and 0.51x); per step lmforge ran 2.2-2.4x nanoGPT's tokens/s.
 
 A BPE preset trains its tokenizer on --data; when the corpus is too small for the preset's vocab_size the
 model keeps the preset's vocabulary (the unused rows cost the same compute), so the shape, parameter count
